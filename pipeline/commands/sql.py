@@ -1,0 +1,69 @@
+"""`pact sql STORE "SELECT ..."`: read-only DuckDB queries over a store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import click
+
+from store.manifest import Store
+from store.sql import query
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
+    return str(value)
+
+
+def format_table(columns: list[str], rows: list[tuple]) -> str:
+    """A plain aligned text table."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+@click.command("sql")
+@click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False, path_type=str))
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def sql_command(store_dir: str, sql: str, fmt: str) -> None:
+    """Run a read-only SQL query against STORE.
+
+    Views: safety_tokens, targets, post_targets, confidences (example_id, step,
+    context 'full'|'post', token_id, token, logprob, prob), metrics, evals.
+    Only SELECT (and EXPLAIN) statements run; the store cannot be changed.
+    """
+    columns, rows = query(Store(store_dir), sql)
+    if fmt == "table":
+        click.echo(format_table(columns, rows))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        records = [{c: _json_value(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+        click.echo(json.dumps(records, indent=1))

@@ -1,0 +1,192 @@
+"""The ONE encoding shared by precompute, training and evaluation.
+
+tokenizer + example + options -> input_ids, labels (-100 on the prompt), the
+response span and hashes of the token ids. The position convention: step t
+(0-based) is the distribution that predicts response token t, i.e. the logits
+at input position `response_start - 1 + t`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.data import Example
+from store.errors import PactError
+
+IGNORE_INDEX = -100
+TRUNCATION_POLICIES = ("response_tail",)
+HEADER_FALLBACK = "Assistant:"
+DUMMY_TURN = [{"role": "user", "content": "hello"}]
+
+# Used for tokenizers that ship no chat template; recorded in the template fingerprint.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + (eos_token or '') }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EncodingOptions:
+    """max_length: tokens of prompt + response; truncation: what gives way when too long."""
+
+    max_length: int = 1024
+    truncation: str = "response_tail"
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise PactError(f"max_length must be at least 2, got {self.max_length}")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise PactError(f"unknown truncation policy {self.truncation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded example. L = len(input_ids); the response is input_ids[start:start+length]."""
+
+    example_id: str
+    input_ids: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L], IGNORE_INDEX outside the response
+    response_start: int
+    response_length: int
+    token_hash: str
+    response_hash: str
+    truncated: bool
+
+    @property
+    def response_ids(self) -> np.ndarray:
+        return self.input_ids[self.response_start : self.response_start + self.response_length]
+
+
+def hash_ids(ids: Any) -> str:
+    """sha256 (first 16 hex) of the ids as little-endian int32."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()[:16]
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat template, or pact's fallback when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    return template or FALLBACK_CHAT_TEMPLATE
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template applied to `messages`, as text."""
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages),
+            chat_template=chat_template(tokenizer),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as exc:  # jinja errors carry no common base class
+        raise PactError(f"the chat template failed to render: {str(exc).splitlines()[0]}") from None
+    if not isinstance(text, str):
+        raise PactError("the chat template did not render to text")
+    return text
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without added special tokens (templates carry their own)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -> Encoded:
+    """Encode one example through the chat template (see module docstring)."""
+    messages = [dict(m) for m in example.messages]
+    prompt_text = render(tokenizer, messages, add_generation_prompt=True)
+    full_text = render(tokenizer, messages + [{"role": "assistant", "content": example.response}], False)
+    if not full_text.startswith(prompt_text):
+        raise PactError(
+            f"example {example.example_id}: the chat template's prompt rendering is not a prefix "
+            "of the full conversation; pact cannot locate the response"
+        )
+    prompt_ids = tokenize(tokenizer, prompt_text)
+    response_ids = tokenize(tokenizer, full_text[len(prompt_text) :])
+    if not prompt_ids:
+        raise PactError(f"example {example.example_id}: the response starts at position 0 (empty prompt encoding)")
+    if not response_ids:
+        raise PactError(f"example {example.example_id}: the response encodes to no tokens")
+    room = options.max_length - len(prompt_ids)
+    if room < 1:
+        raise PactError(
+            f"example {example.example_id}: the prompt has {len(prompt_ids)} tokens, leaving no room "
+            f"for the response within max_length {options.max_length}"
+        )
+    truncated = len(response_ids) > room
+    response_ids = response_ids[:room]
+    input_ids = np.asarray(prompt_ids + response_ids, dtype=np.int64)
+    labels = input_ids.copy()
+    labels[: len(prompt_ids)] = IGNORE_INDEX
+    return Encoded(
+        example_id=example.example_id,
+        input_ids=input_ids,
+        labels=labels,
+        response_start=len(prompt_ids),
+        response_length=len(response_ids),
+        token_hash=hash_ids(input_ids),
+        response_hash=hash_ids(response_ids),
+        truncated=truncated,
+    )
+
+
+def assistant_header_text(tokenizer: Any) -> str:
+    """What add_generation_prompt adds on a dummy user turn; `Assistant:` when blank."""
+    without = render(tokenizer, DUMMY_TURN, add_generation_prompt=False)
+    with_prompt = render(tokenizer, DUMMY_TURN, add_generation_prompt=True)
+    header = with_prompt[len(without) :] if with_prompt.startswith(without) else ""
+    return header if header.strip() else HEADER_FALLBACK
+
+
+def assistant_header_ids(tokenizer: Any) -> list[int]:
+    """The assistant header tokenized on its own, without special tokens."""
+    ids = tokenize(tokenizer, assistant_header_text(tokenizer))
+    if not ids:
+        raise PactError("the assistant header encodes to no tokens; tokenizer and template are incompatible")
+    return ids
+
+
+def post_only_ids(header_ids: list[int], response_ids: Any) -> tuple[np.ndarray, int]:
+    """Post-only context header + response[:-1] and the position of step 0 (len(header) - 1)."""
+    ids = np.concatenate([np.asarray(header_ids, dtype=np.int64), np.asarray(response_ids, dtype=np.int64)[:-1]])
+    return ids, len(header_ids) - 1
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the vocabulary and special tokens (not the template)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "added": sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", [])),
+    }
+    payload = json.dumps([vocab, specials], ensure_ascii=False, default=str).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def template_fingerprint(tokenizer: Any) -> str:
+    return hashlib.sha256(chat_template(tokenizer).encode("utf-8")).hexdigest()[:16]
+
+
+def encoding_fingerprints(tokenizer: Any, options: EncodingOptions) -> dict[str, Any]:
+    """Everything that decides the token ids, as recorded in the manifest."""
+    return {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": template_fingerprint(tokenizer),
+        "assistant_header": assistant_header_text(tokenizer),
+        "encoding": options.to_dict(),
+    }

@@ -1,0 +1,149 @@
+"""Loading local models and tokenizers, devices and dtypes, and model fingerprints.
+
+Weights load only from safetensors (no pickle); `trust_remote_code` stays off
+unless the caller passes it explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from store.errors import PactError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PactError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """Torch dtype for a name; 'auto' is bfloat16 on CUDA and float32 on CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise PactError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def _check_dir(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise PactError(f"{what} path {path} does not exist")
+    if not path.is_dir():
+        raise PactError(f"{what} path {path} is not a directory (expected a local model directory)")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
+    """A tokenizer from a local directory, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    path = _check_dir(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PactError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise PactError(f"tokenizer at {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors weight files of a model directory; PactError when there are none."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: pact loads safetensors only, no pickle)" if pickles else ""
+        raise PactError(f"model directory {path} has no *.safetensors weights{hint}")
+    return files
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Any:
+    """A causal LM from a local directory of safetensors weights, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    path = _check_dir(path, "model")
+    weight_files(path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise PactError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) under PACT_CACHE_DIR or ~/.cache/pact."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_dir = Path(os.environ.get("PACT_CACHE_DIR", Path.home() / ".cache" / "pact"))
+    cache_file = cache_dir / "file_hashes.json"
+    cache: dict[str, str] = {}
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    cache[key] = digest.hexdigest()
+    try:
+        from store.atomic import atomic_write_bytes
+
+        atomic_write_bytes(cache_file, json.dumps(cache).encode())
+    except OSError:
+        pass
+    return cache[key]
+
+
+def config_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of config.json without volatile keys (paths, library versions, dtype)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise PactError(f"model directory {path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PactError(f"{config_file} is not valid JSON ({exc})") from None
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of the config and of every safetensors weight file of a model directory."""
+    path = _check_dir(path, "model")
+    digest = hashlib.sha256(config_fingerprint(path).encode())
+    for file in weight_files(path):
+        digest.update(file.name.encode())
+        digest.update(_file_sha256(file).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""DuckDB views over a store, and a read-only query runner.
+
+Views: `safety_tokens`, `targets`, `post_targets`, `confidences` (long form:
+example_id, step, context 'full'|'post', token_id, token, logprob, prob),
+`metrics`, `evals`. Only parts registered in the manifest are visible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+from store.errors import PactError
+from store.manifest import Store
+from store.safety import TOKENS_FILE, TOKENS_SCHEMA
+from store.tables import EVALS_SCHEMA, METRICS_SCHEMA
+from store.targets import post_schema, targets_schema
+
+ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _duck_type(arrow_type: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(arrow_type):
+        return f"FLOAT[{arrow_type.list_size}]"
+    return {
+        "string": "VARCHAR",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float": "FLOAT",
+        "halffloat": "FLOAT",
+        "double": "DOUBLE",
+    }[str(arrow_type)]
+
+
+def _empty_view(schema: Any) -> str:
+    columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
+    return f"SELECT {columns} WHERE false"
+
+
+def _files_view(paths: list[str], schema: Any) -> str:
+    if not paths:
+        return _empty_view(schema)
+    listing = ", ".join(_quote(p) for p in paths)
+    return f"SELECT * FROM read_parquet([{listing}], union_by_name = true)"
+
+
+def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    """Create the store's views on `con` (any connection, in-memory is fine)."""
+    manifest = store.require()
+    num_safety = (manifest.get("safety_tokens") or {}).get("count", 1)
+    root = store.root.resolve()
+    parts = {"targets": [], "post": []}
+    for entry in manifest["parts"]:
+        parts[entry["kind"]].append(str(store.resolve(entry["path"])))
+    tokens = root / TOKENS_FILE
+    views = {
+        "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
+        "targets": _files_view(parts["targets"], targets_schema(num_safety)),
+        "post_targets": _files_view(parts["post"], post_schema(num_safety)),
+        "metrics": _files_view(sorted(str(p) for p in (root / "metrics").glob("*.parquet")), METRICS_SCHEMA),
+        "evals": _files_view(sorted(str(p) for p in (root / "evals").glob("*.parquet")), EVALS_SCHEMA),
+    }
+    for name, query in views.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")
+    con.execute(
+        """
+        CREATE OR REPLACE VIEW confidences AS
+        SELECT t.example_id, t.step, 'full' AS context, s.token_id, s.token,
+               CAST(t.full_logprobs[s.idx + 1] AS DOUBLE) AS logprob,
+               exp(CAST(t.full_logprobs[s.idx + 1] AS DOUBLE)) AS prob
+        FROM targets t CROSS JOIN safety_tokens s
+        UNION ALL
+        SELECT t.example_id, t.step, 'post' AS context, s.token_id, s.token,
+               CAST(p.post_logprobs[s.idx + 1] AS DOUBLE) AS logprob,
+               exp(CAST(p.post_logprobs[s.idx + 1] AS DOUBLE)) AS prob
+        FROM targets t
+        JOIN post_targets p ON p.response_hash = t.response_hash AND p.step = t.step
+        CROSS JOIN safety_tokens s
+        """
+    )
+
+
+def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views, able to read only the store.
+
+    External access is limited to the store directory, extensions cannot be
+    installed or loaded, and the configuration is locked.
+    """
+    con = duckdb.connect(":memory:")
+    create_views(con, store)
+    root = str(store.root.resolve())
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute(f"SET allowed_directories = [{_quote(root + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise PactError unless every statement in `sql` only reads."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise PactError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    if not statements:
+        raise PactError("no SQL statement given")
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in ALLOWED_STATEMENTS:
+            raise PactError(f"pact sql is read-only: {kind} statements are not allowed (only SELECT)")
+
+
+def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run read-only `sql` against the store; return (column names, rows)."""
+    con = connect_readonly(store)
+    try:
+        check_read_only(con, sql)
+        statements = con.extract_statements(sql)
+        result = None
+        for statement in statements:
+            result = con.execute(statement)
+        columns = [d[0] for d in result.description] if result.description else []
+        return columns, result.fetchall()
+    except duckdb.Error as exc:
+        raise PactError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()

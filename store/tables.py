@@ -1,0 +1,67 @@
+"""Run metrics and evaluation results: small Parquet tables beside the targets.
+
+`metrics/<run_id>.parquet` (one row per optimizer step of a training run) and
+`evals/<eval_id>.parquet` (one row per metric of an evaluation) are written
+atomically; the DuckDB views `metrics` and `evals` read every file of each folder.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.atomic import atomic_write_with
+from store.errors import PactError
+from store.manifest import Store
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("method", pa.string()),
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("loss", pa.float64()),
+        ("ce", pa.float64()),
+        ("kl", pa.float64()),
+        ("gate_mean", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("tokens_per_s", pa.float64()),
+        ("peak_memory_mb", pa.float64()),
+        ("time", pa.float64()),
+    ]
+)
+
+EVALS_SCHEMA = pa.schema(
+    [
+        ("eval_id", pa.string()),
+        ("model", pa.string()),
+        ("model_fingerprint", pa.string()),
+        ("dataset", pa.string()),
+        ("metric", pa.string()),
+        ("step", pa.int64()),
+        ("value", pa.float64()),
+        ("n", pa.int64()),
+        ("time", pa.float64()),
+    ]
+)
+
+SCHEMAS = {"metrics": METRICS_SCHEMA, "evals": EVALS_SCHEMA}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+def write_table(store: Store, kind: str, name: str, table: pa.Table) -> str:
+    """Write `table` as `<kind>/<name>.parquet` atomically (replacing an older one); return the path."""
+    if kind not in SCHEMAS:
+        raise PactError(f"unknown table kind {kind!r}; expected one of {sorted(SCHEMAS)}")
+    if not _NAME.match(name):
+        raise PactError(f"table name {name!r} must be letters, digits, '.', '_' or '-'")
+    try:
+        table = table.select(SCHEMAS[kind].names).cast(SCHEMAS[kind])
+    except (KeyError, pa.ArrowInvalid) as exc:
+        raise PactError(f"{kind} table does not match its schema: {exc}") from None
+    relative = f"{kind}/{name}.parquet"
+    atomic_write_with(store.root / relative, lambda p: pq.write_table(table, p))
+    return relative

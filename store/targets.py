@@ -1,0 +1,337 @@
+"""Reference targets: Parquet parts keyed by example_id, written atomically, read by id.
+
+`targets/part-*.parquet` holds one row per (example, response step):
+    example_id string, token_hash string, response_hash string, step int32,
+    token_id int32 (teacher-forced token), token_logprob float32 (its reference
+    log-prob), entropy float32 (nats, full vocabulary), full_logprobs
+    fixed_size_list<float32|float16>[|S|] (full-vocabulary log-probs of the
+    safety tokens, ids ascending, full context).
+`post/part-*.parquet` holds one row per (distinct response, step):
+    response_hash string, step int32, post_logprobs fixed_size_list[|S|]
+    (post-only context: assistant header + response).
+Rows of one example (one response) are contiguous and ordered by step.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.atomic import TEMP_PREFIX, atomic_write_with
+from store.errors import PactError
+from store.manifest import Store
+
+VALUE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def targets_schema(num_safety: int, value_dtype: str = "float32") -> pa.Schema:
+    values = pa.list_(VALUE_DTYPES[value_dtype], num_safety)
+    return pa.schema(
+        [
+            ("example_id", pa.string()),
+            ("token_hash", pa.string()),
+            ("response_hash", pa.string()),
+            ("step", pa.int32()),
+            ("token_id", pa.int32()),
+            ("token_logprob", pa.float32()),
+            ("entropy", pa.float32()),
+            ("full_logprobs", values),
+        ]
+    )
+
+
+def post_schema(num_safety: int, value_dtype: str = "float32") -> pa.Schema:
+    values = pa.list_(VALUE_DTYPES[value_dtype], num_safety)
+    return pa.schema(
+        [("response_hash", pa.string()), ("step", pa.int32()), ("post_logprobs", values)]
+    )
+
+
+@dataclass
+class ExampleTargets:
+    """Cached reference statistics of one example; T = response length, S = |safety set|."""
+
+    example_id: str
+    token_hash: str
+    response_hash: str
+    token_ids: np.ndarray  # int64 [T]
+    token_logprobs: np.ndarray  # float32 [T]
+    entropy: np.ndarray  # float32 [T]
+    full_logprobs: np.ndarray  # float32 [T, S]
+    post_logprobs: np.ndarray  # float32 [T, S]
+
+
+def _fixed_list(values: np.ndarray, num_safety: int, value_dtype: str) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values, dtype=value_dtype).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, num_safety)
+
+
+class TargetWriter:
+    """Buffers examples and writes a part (post part first, then targets part, then
+    the manifest) every `examples_per_part` examples and on `close()`.
+
+    `shard_tag` names this writer's parts (e.g. `s0of1`); orphaned parts with the same
+    tag (written but never registered by a killed run) are deleted when it opens.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        num_safety: int,
+        *,
+        shard_tag: str = "s0of1",
+        value_dtype: str = "float32",
+        examples_per_part: int = 256,
+    ) -> None:
+        if value_dtype not in VALUE_DTYPES:
+            raise PactError(f"value dtype {value_dtype!r} is not one of {sorted(VALUE_DTYPES)}")
+        self.store = store
+        self.num_safety = num_safety
+        self.shard_tag = shard_tag
+        self.value_dtype = value_dtype
+        self.examples_per_part = examples_per_part
+        self.bytes_written = 0
+        self.parts_written = 0
+        self._targets: list[dict[str, Any]] = []
+        self._post: list[tuple[str, np.ndarray]] = []
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        registered = {p["path"] for p in self.store.read_manifest()["parts"]}
+        for kind in ("targets", "post"):
+            directory = self.store.root / kind
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                name = path.name
+                mine = f"-{self.shard_tag}-" in name
+                if mine and (name.startswith(TEMP_PREFIX) or f"{kind}/{name}" not in registered):
+                    path.unlink(missing_ok=True)
+
+    def add_post(self, response_hash: str, post_logprobs: np.ndarray) -> None:
+        """Queue the post-only targets [T, S] of one distinct response."""
+        self._check_values(post_logprobs, f"response {response_hash}")
+        self._post.append((response_hash, np.asarray(post_logprobs)))
+
+    def add_example(
+        self,
+        example_id: str,
+        token_hash: str,
+        response_hash: str,
+        token_ids: np.ndarray,
+        token_logprobs: np.ndarray,
+        entropy: np.ndarray,
+        full_logprobs: np.ndarray,
+    ) -> None:
+        """Queue one example's per-step targets; flushes a part when the buffer is full."""
+        self._check_values(full_logprobs, f"example {example_id}")
+        steps = full_logprobs.shape[0]
+        if not (len(token_ids) == len(token_logprobs) == len(entropy) == steps) or steps == 0:
+            raise PactError(f"example {example_id}: per-step arrays disagree in length or are empty")
+        self._targets.append(
+            dict(
+                example_id=example_id,
+                token_hash=token_hash,
+                response_hash=response_hash,
+                token_ids=np.asarray(token_ids),
+                token_logprobs=np.asarray(token_logprobs),
+                entropy=np.asarray(entropy),
+                full_logprobs=np.asarray(full_logprobs),
+            )
+        )
+        if len(self._targets) >= self.examples_per_part:
+            self.flush()
+
+    def _check_values(self, values: np.ndarray, what: str) -> None:
+        if values.ndim != 2 or values.shape[1] != self.num_safety:
+            raise PactError(f"{what}: targets of shape {values.shape}, expected [steps, {self.num_safety}]")
+        if not np.all(np.isfinite(values)):
+            raise PactError(f"{what}: non-finite reference log-probabilities")
+
+    def flush(self) -> None:
+        """Write buffered rows as parts and register them in the manifest."""
+        if not self._targets and not self._post:
+            return
+        name = f"part-{self.shard_tag}-{uuid.uuid4().hex[:12]}.parquet"
+        entries = []
+        if self._post:
+            table = self._post_table()
+            entries.append(self._write("post", name, table, examples=len(self._post)))
+        if self._targets:
+            table = self._targets_table()
+            entries.append(self._write("targets", name, table, examples=len(self._targets)))
+
+        def change(manifest: dict[str, Any]) -> None:
+            manifest["parts"].extend(entries)
+
+        self.store.update_manifest(change)
+        self.parts_written += 1
+        self._targets, self._post = [], []
+
+    def _write(self, kind: str, name: str, table: pa.Table, examples: int) -> dict[str, Any]:
+        relative = f"{kind}/{name}"
+        path = self.store.root / relative
+        atomic_write_with(path, lambda p: pq.write_table(table, p, row_group_size=65536))
+        size = os.path.getsize(path)
+        self.bytes_written += size
+        return {"kind": kind, "path": relative, "rows": table.num_rows, "examples": examples, "bytes": size}
+
+    def _post_table(self) -> pa.Table:
+        hashes, steps, values = [], [], []
+        for response_hash, post in self._post:
+            hashes += [response_hash] * post.shape[0]
+            steps.append(np.arange(post.shape[0], dtype=np.int32))
+            values.append(post)
+        schema = post_schema(self.num_safety, self.value_dtype)
+        return pa.Table.from_arrays(
+            [
+                pa.array(hashes, pa.string()),
+                pa.array(np.concatenate(steps)),
+                _fixed_list(np.concatenate(values), self.num_safety, self.value_dtype),
+            ],
+            schema=schema,
+        )
+
+    def _targets_table(self) -> pa.Table:
+        rows = self._targets
+        lengths = [r["full_logprobs"].shape[0] for r in rows]
+
+        def repeat(key: str) -> pa.Array:
+            return pa.array(np.repeat(np.array([r[key] for r in rows], dtype=object), lengths), pa.string())
+
+        def concat(key: str, dtype: str) -> np.ndarray:
+            return np.concatenate([np.asarray(r[key], dtype=dtype) for r in rows])
+
+        schema = targets_schema(self.num_safety, self.value_dtype)
+        return pa.Table.from_arrays(
+            [
+                repeat("example_id"),
+                repeat("token_hash"),
+                repeat("response_hash"),
+                pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])),
+                pa.array(concat("token_ids", "int32")),
+                pa.array(concat("token_logprobs", "float32")),
+                pa.array(concat("entropy", "float32")),
+                _fixed_list(np.concatenate([r["full_logprobs"] for r in rows]), self.num_safety, self.value_dtype),
+            ],
+            schema=schema,
+        )
+
+    def close(self) -> None:
+        self.flush()
+
+
+@dataclass
+class _Location:
+    part: int
+    start: int
+    steps: int
+
+
+class TargetReader:
+    """Look targets up by example_id in O(1).
+
+    Opening reads only the key columns of each registered part (example_id/step or
+    response_hash/step) to build an index; `get()` then reads the rows of one example
+    from a memory-mapped part, so the cache never has to fit in RAM.
+    """
+
+    def __init__(self, store: Store, *, check_finite: bool = True) -> None:
+        self.store = store
+        self.check_finite = check_finite
+        self.manifest = store.require()
+        self._paths: dict[str, list[Path]] = {"targets": [], "post": []}
+        self._tables: dict[tuple[str, int], pa.Table] = {}
+        self._targets_index: dict[str, _Location] = {}
+        self._post_index: dict[str, _Location] = {}
+        for entry in self.manifest["parts"]:
+            path = store.resolve(entry["path"])
+            if not path.is_file():
+                raise PactError(f"store part {entry['path']} is listed in the manifest but missing")
+            self._paths[entry["kind"]].append(path)
+        for i, path in enumerate(self._paths["targets"]):
+            self._index(path, i, "example_id", self._targets_index, "example")
+        for i, path in enumerate(self._paths["post"]):
+            self._index(path, i, "response_hash", self._post_index, "response")
+
+    def _index(self, path: Path, part: int, key: str, index: dict[str, _Location], what: str) -> None:
+        try:
+            keys = pq.read_table(path, columns=[key, "step"]).column(key).to_numpy(zero_copy_only=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise PactError(f"store part {path.name} is unreadable ({exc}); delete it and rerun `pact precompute`") from None
+        if len(keys) == 0:
+            return
+        change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(keys)]])
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            value = keys[start]
+            if value in index:
+                if what == "response":
+                    continue
+                other = self._paths["targets"][index[value].part].name
+                raise PactError(f"example {value} appears twice in the store ({other} and {path.name})")
+            index[value] = _Location(part, start, end - start)
+
+    def __len__(self) -> int:
+        return len(self._targets_index)
+
+    def __contains__(self, example_id: object) -> bool:
+        return example_id in self._targets_index
+
+    def example_ids(self) -> list[str]:
+        return list(self._targets_index)
+
+    def response_hashes(self) -> set[str]:
+        return set(self._post_index)
+
+    def _table(self, kind: str, part: int) -> pa.Table:
+        key = (kind, part)
+        if key not in self._tables:
+            self._tables[key] = pq.read_table(self._paths[kind][part], memory_map=True)
+        return self._tables[key]
+
+    def _rows(self, kind: str, loc: _Location) -> pa.Table:
+        return self._table(kind, loc.part).slice(loc.start, loc.steps)
+
+    @staticmethod
+    def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+        array = column.combine_chunks()
+        width = array.type.list_size
+        return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+
+    def token_hash(self, example_id: str) -> str:
+        loc = self._targets_index[example_id]
+        return self._rows("targets", loc).column("token_hash")[0].as_py()
+
+    def get(self, example_id: str) -> ExampleTargets:
+        """Targets of one example; PactError when missing or non-finite."""
+        loc = self._targets_index.get(example_id)
+        if loc is None:
+            raise PactError(f"example {example_id} has no targets in the store (run `pact precompute`)")
+        rows = self._rows("targets", loc)
+        response_hash = rows.column("response_hash")[0].as_py()
+        post_loc = self._post_index.get(response_hash)
+        if post_loc is None or post_loc.steps != loc.steps:
+            raise PactError(f"example {example_id}: post-only targets of its response are missing")
+        full = self._matrix(rows.column("full_logprobs"))
+        post = self._matrix(self._rows("post", post_loc).column("post_logprobs"))
+        if self.check_finite and not (np.all(np.isfinite(full)) and np.all(np.isfinite(post))):
+            raise PactError(f"example {example_id}: stored targets contain NaN or inf (corrupted part?)")
+        return ExampleTargets(
+            example_id=example_id,
+            token_hash=rows.column("token_hash")[0].as_py(),
+            response_hash=response_hash,
+            token_ids=rows.column("token_id").to_numpy().astype(np.int64),
+            token_logprobs=rows.column("token_logprob").to_numpy().astype(np.float32),
+            entropy=rows.column("entropy").to_numpy().astype(np.float32),
+            full_logprobs=full,
+            post_logprobs=post,
+        )

@@ -1,0 +1,366 @@
+"""PACT loss (stage 2) and the plain / constrained SFT losses it is compared with.
+
+Pure functions: tensors in, tensors out, no I/O. Everything is computed in float32.
+
+Position convention: step ``t`` (0-based) of a ``[B, T, S]`` tensor holds the
+distribution that predicts response token ``t``, i.e. the logits at input position
+``response_start - 1 + t``. ``S`` is the safety subset (token ids ascending); the
+inputs may be raw logits or full-vocabulary log-probabilities of those ids: the
+loss is invariant to a per-step additive shift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PactConfig",
+    "PactTerms",
+    "top_p_count",
+    "pact_gate",
+    "pact_target",
+    "pact_kl_terms",
+    "pact_kl",
+    "response_cross_entropy",
+    "token_logprobs",
+    "constrained_sft_betas",
+    "constrained_sft_loss",
+]
+
+IGNORE_INDEX = -100
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PactConfig:
+    """Hyper-parameters of the PACT gate and KL (defaults are the paper's)."""
+
+    top_p: float = 0.9  # gate: top-p mass p
+    alpha: float = 2.0  # gate: sigmoid slope alpha
+    bias: float = 0.0  # gate: b
+    gate_temperature: float = 1.0  # gate: T_g
+    prefix_n: int = 8  # gate: N (steps before the decay starts)
+    decay_tau: float = 8.0  # gate: tau_d; <= 0 means a hard cut (c_t = 0 for t >= N)
+    boost: float = 1.0  # gate: beta
+    temperature: float = 2.0  # KL temperature T
+
+    def __post_init__(self) -> None:
+        for name in (
+            "top_p",
+            "alpha",
+            "bias",
+            "gate_temperature",
+            "decay_tau",
+            "boost",
+            "temperature",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"PactConfig.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"PactConfig.{name} must be finite, got {value!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"PactConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.gate_temperature <= 0:
+            raise ValueError(
+                f"PactConfig.gate_temperature must be > 0, got {self.gate_temperature!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"PactConfig.temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.prefix_n, bool) or not isinstance(self.prefix_n, int):
+            raise ValueError(f"PactConfig.prefix_n must be an int, got {self.prefix_n!r}")
+        if self.prefix_n < 0:
+            raise ValueError(f"PactConfig.prefix_n must be >= 0, got {self.prefix_n!r}")
+        if self.boost < 0:
+            raise ValueError(f"PactConfig.boost must be >= 0, got {self.boost!r}")
+
+
+@dataclass
+class PactTerms:
+    """Result of :func:`pact_kl_terms`."""
+
+    kl: Tensor  # scalar: token mean of KL_t over the valid steps of the batch
+    kl_per_step: Tensor  # [B, T], zero on padded steps
+    gate: Tensor  # [B, T], c_t (detached), zero on padded steps
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def _check_subset(**tensors: Tensor) -> None:
+    """All named tensors are [B, T, S] with one shape and S > 0."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name, x in tensors.items():
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [B, T, S], got shape {_shape(x)}")
+        if x.shape != first.shape:
+            raise ValueError(f"shapes disagree: {names[0]} {_shape(first)} vs {name} {_shape(x)}")
+    if first.shape[-1] == 0:
+        raise ValueError("empty safety set: the last dimension S of the logits is 0")
+
+
+def _check_mask(mask: Tensor, like: Tensor, like_name: str) -> Tensor:
+    """mask is [B, T] matching like[:, :, 0]; 0/1 values; returns float32."""
+    if mask.shape != like.shape[:2]:
+        raise ValueError(
+            f"shapes disagree: mask {_shape(mask)} vs {like_name} {_shape(like)} "
+            "(mask must be [B, T])"
+        )
+    m = mask.to(device=like.device, dtype=torch.float32)
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask must contain only 0/1 (or False/True) values")
+    return m
+
+
+def _check_weights(weights: Tensor, size: int, device: torch.device) -> Tensor:
+    """weights is [S], finite, >= 0, not all zero; returns float32 on device."""
+    w = torch.as_tensor(weights)
+    if w.dim() != 1 or w.shape[0] != size:
+        raise ValueError(f"shapes disagree: weights {_shape(w)} vs safety set size S={size}")
+    w = w.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weights contain non-finite values (nan or inf)")
+    if bool((w < 0).any()):
+        raise ValueError("weights contain negative values; use w_j = max(v_j, 0)")
+    if not bool((w > 0).any()):
+        raise ValueError("weights are all zero: the reweighted target is undefined")
+    return w
+
+
+# ----------------------------------------------------------------------------- PACT
+
+
+def top_p_count(logits: Tensor, top_p: float, temperature: float) -> Tensor:
+    """Tokens needed to reach mass ``top_p``: ``[..., S] -> [...]`` (float32).
+
+    ``p = softmax(x / temperature)``, sorted descending; the count is
+    ``(cumsum(p) < top_p).sum() + 1``.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError("empty safety set: the last dimension S of the logits is 0")
+    with torch.no_grad():
+        p = torch.softmax(logits.detach().float() / temperature, dim=-1)
+        cdf = torch.sort(p, dim=-1, descending=True).values.cumsum(dim=-1)
+        return (cdf < top_p).sum(dim=-1).float() + 1.0
+
+
+def pact_gate(
+    student_logits: Tensor, reference_post: Tensor, mask: Tensor, config: PactConfig
+) -> Tensor:
+    """Gate ``c`` [B, T] from student u and post-only reference o (both [B, T, S]).
+
+    ``c = sigmoid(alpha * (n(u) - n(o)) / |S| - alpha * bias)`` times ``mask``, times the
+    decay ``exp(-max(t - N, 0) / tau_d)`` (or the hard cut ``t < N`` when
+    ``tau_d <= 0``), times ``boost``. Carries no gradient.
+    """
+    _check_subset(student_logits=student_logits, reference_post=reference_post)
+    m = _check_mask(mask, student_logits, "student_logits")
+    with torch.no_grad():
+        size = student_logits.shape[-1]
+        n_u = top_p_count(student_logits, config.top_p, config.gate_temperature)
+        n_o = top_p_count(reference_post, config.top_p, config.gate_temperature)
+        c = torch.sigmoid(config.alpha * (n_u / size - n_o / size - config.bias))
+        c = c * m
+        t = torch.arange(c.shape[1], device=c.device, dtype=torch.float32)
+        if config.decay_tau > 0:
+            decay = torch.exp(-torch.clamp(t - config.prefix_n, min=0.0) / config.decay_tau)
+        else:
+            decay = (t < config.prefix_n).float()
+        c = c * decay * config.boost
+    return c.detach()
+
+
+def pact_target(
+    reference_full: Tensor,
+    reference_post: Tensor,
+    gate: Tensor,
+    weights: Tensor,
+    config: PactConfig,
+) -> Tensor:
+    """Target distribution ``q`` [B, T, S] over the safety subset (detached).
+
+    ``m = (1 - c) f + c o``; ``q = normalize(softmax(m / T) * w)``.
+    """
+    _check_subset(reference_full=reference_full, reference_post=reference_post)
+    if gate.shape != reference_full.shape[:2]:
+        raise ValueError(
+            f"shapes disagree: gate {_shape(gate)} vs reference_full {_shape(reference_full)} "
+            "(gate must be [B, T])"
+        )
+    w = _check_weights(weights, reference_full.shape[-1], reference_full.device)
+    with torch.no_grad():
+        c = gate.detach().float()[..., None]
+        m = (1.0 - c) * reference_full.detach().float() + c * reference_post.detach().float()
+        p_ref = torch.softmax(m / config.temperature, dim=-1)
+        q_unnorm = p_ref * w.view(1, 1, -1)
+        q = q_unnorm / q_unnorm.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    return q
+
+
+def pact_kl_terms(
+    student_logits: Tensor,
+    reference_full: Tensor,
+    reference_post: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    config: PactConfig = PactConfig(),
+) -> PactTerms:
+    """PACT KL and its parts. Inputs [B, T, S] (x3), weights [S], mask [B, T].
+
+    ``KL_t = T^2 * sum_j q_j (log q_j - log_softmax(u / T)_j)``; ``kl`` is the token mean
+    over the valid steps of the whole batch. Gradient flows into ``student_logits`` only.
+    """
+    _check_subset(
+        student_logits=student_logits,
+        reference_full=reference_full,
+        reference_post=reference_post,
+    )
+    m = _check_mask(mask, student_logits, "student_logits")
+    n_valid = m.sum()
+    if not bool(n_valid > 0):
+        raise ValueError("mask has no valid step: the batch has no response tokens")
+    gate = pact_gate(student_logits, reference_post, m, config)
+    q = pact_target(reference_full, reference_post, gate, weights, config)
+    log_q = q.clamp_min(_EPS).log()
+    temp = config.temperature
+    log_p = F.log_softmax(student_logits.float() / temp, dim=-1)
+    kl_t = temp**2 * (q * (log_q - log_p)).sum(dim=-1)
+    # where() rather than a product, so garbage on padded steps cannot leak in as nan.
+    kl_per_step = torch.where(m > 0, kl_t, torch.zeros_like(kl_t))
+    kl = kl_per_step.sum() / n_valid.clamp_min(1.0)
+    return PactTerms(kl=kl, kl_per_step=kl_per_step, gate=gate)
+
+
+def pact_kl(
+    student_logits: Tensor,
+    reference_full: Tensor,
+    reference_post: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    config: PactConfig = PactConfig(),
+) -> Tensor:
+    """Scalar PACT KL; same as ``pact_kl_terms(...).kl``."""
+    return pact_kl_terms(student_logits, reference_full, reference_post, weights, mask, config).kl
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def _check_lm(logits: Tensor, labels: Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, L, V], got shape {_shape(logits)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"shapes disagree: logits {_shape(logits)} vs labels {_shape(labels)} "
+            "(labels must be [B, L])"
+        )
+
+
+def response_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Causal LM cross-entropy: logits [B, L, V], labels [B, L] (-100 ignored) -> scalar.
+
+    ``logits[:, :-1]`` predict ``labels[:, 1:]``; token mean over all label tokens of the
+    batch (as ``model(labels=...).loss`` in transformers), in float32.
+    """
+    _check_lm(logits, labels)
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        raise ValueError("labels have no token to predict: the batch has no response tokens")
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-prob of each next label token: [B, L, V], [B, L] -> [B, L-1] (float32).
+
+    Entry ``i`` is ``log_softmax(logits[:, i])[labels[:, i + 1]]``; 0 where that label
+    is -100.
+    """
+    _check_lm(logits, labels)
+    shift_labels = labels[:, 1:].to(logits.device)
+    valid = shift_labels != IGNORE_INDEX
+    index = torch.where(valid, shift_labels, torch.zeros_like(shift_labels))
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def constrained_sft_betas(
+    steps: int,
+    first: float = 0.5,
+    early: float = 2.0,
+    late: float = 0.1,
+    early_until: int = 5,
+) -> Tensor:
+    """Per-step beta [steps] (Qi et al. 2024): ``first`` at step 0, ``early`` for steps
+    1..early_until-1, ``late`` from ``early_until`` on."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps!r}")
+    for name, value in (("first", first), ("early", early), ("late", late)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"constrained_sft_betas: {name} must be finite and > 0, got {value!r}")
+    t = torch.arange(steps)
+    betas = torch.where(t < early_until, torch.tensor(early), torch.tensor(late))
+    betas = torch.where(t == 0, torch.tensor(first), betas)
+    return betas.float()
+
+
+def constrained_sft_loss(
+    token_logprobs: Tensor,
+    reference_token_logprobs: Tensor,
+    mask: Tensor,
+    betas: Tensor | None = None,
+) -> Tensor:
+    """Token-wise constrained SFT (Qi et al. 2024). Inputs [B, T] -> scalar.
+
+    ``l_t = -(2 / beta_t) * logsigmoid(beta_t * (logp_theta(y_t) - logp_ref(y_t)))``,
+    token mean over the valid steps of the batch. Step t is response token t, so pass
+    response-aligned log-probs. ``betas`` is [T] (or [B, T]); default
+    ``constrained_sft_betas(T)``.
+    """
+    if token_logprobs.dim() != 2:
+        raise ValueError(f"token_logprobs must be [B, T], got shape {_shape(token_logprobs)}")
+    if reference_token_logprobs.shape != token_logprobs.shape:
+        raise ValueError(
+            f"shapes disagree: token_logprobs {_shape(token_logprobs)} vs "
+            f"reference_token_logprobs {_shape(reference_token_logprobs)}"
+        )
+    if mask.shape != token_logprobs.shape:
+        raise ValueError(
+            f"shapes disagree: mask {_shape(mask)} vs token_logprobs {_shape(token_logprobs)}"
+        )
+    m = mask.to(device=token_logprobs.device, dtype=torch.float32)
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask must contain only 0/1 (or False/True) values")
+    n_valid = m.sum()
+    if not bool(n_valid > 0):
+        raise ValueError("mask has no valid step: the batch has no response tokens")
+    steps = token_logprobs.shape[1]
+    if betas is None:
+        betas = constrained_sft_betas(steps)
+    b = torch.as_tensor(betas).to(device=token_logprobs.device, dtype=torch.float32)
+    if b.shape not in (torch.Size([steps]), token_logprobs.shape):
+        raise ValueError(
+            f"shapes disagree: betas {_shape(b)} vs token_logprobs {_shape(token_logprobs)} "
+            "(betas must be [T] or [B, T])"
+        )
+    if not bool((torch.isfinite(b) & (b > 0)).all()):
+        raise ValueError("betas must be finite and > 0")
+    diff = token_logprobs.float() - reference_token_logprobs.detach().float()
+    loss_t = -(2.0 / b) * F.logsigmoid(b * diff)
+    loss_t = torch.where(m > 0, loss_t, torch.zeros_like(loss_t))
+    return loss_t.sum() / n_valid.clamp_min(1.0)
