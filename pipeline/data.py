@@ -133,9 +133,9 @@ def detect_format(row: Any) -> str | None:
         return None
     if "messages" in row:
         return "chat"
-    if "prompt" in row and "completion" in row:
+    if "prompt" in row:
         return "prompt_completion"
-    if "output" in row and ("instruction" in row or "input" in row):
+    if "instruction" in row or "input" in row:
         return "alpaca"
     return None
 

@@ -1,0 +1,20 @@
+"""Run the real `pact` entry point in a subprocess and capture its output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pact(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repo root; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

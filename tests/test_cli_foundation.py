@@ -1,0 +1,72 @@
+"""`pact --help`, `pact data` and `pact sql` through the real entry point."""
+
+from __future__ import annotations
+
+import json
+
+from cli_helpers import run_pact
+from test_store import fill, make_safety
+
+from store import Store
+
+
+def test_help_lists_commands():
+    result = run_pact("--help")
+    assert result.returncode == 0
+    for command in ("data", "sql"):
+        assert command in result.stdout
+
+
+def test_data_reports_counts_and_ids(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "a", "completion": "bb"}, {"prompt": "a", "completion": "bb"}, {"id": "z", "prompt": "c", "completion": "d e"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_pact("data", path, "--ids")
+    assert result.returncode == 0, result.stderr
+    assert "format: prompt_completion" in result.stdout
+    assert "examples: 3" in result.stdout
+    assert "identical rows without id (kept, ids suffixed -N): 1" in result.stdout
+    assert "response words: min 1, median 1, mean 1.3, p95 2, max 2" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "z"
+
+
+def test_data_bad_input_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    result = run_pact("data", path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: ") and "bad.jsonl:2: malformed JSON line" in result.stderr
+
+
+def test_data_skip_invalid_lists_rows(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"id": "q", "prompt": "a", "completion": ""}\n')
+    result = run_pact("data", path, "--skip-invalid")
+    assert result.returncode == 0
+    assert "invalid rows skipped: 1" in result.stdout
+    assert "row 2 (id q): the response is empty" in result.stdout
+
+
+def test_sql_formats(tmp_path):
+    store = Store(tmp_path / "s")
+    make_safety(store)
+    fill(store, count=3)
+    table = run_pact("sql", store.root, "SELECT step, count(*) AS n FROM targets GROUP BY step ORDER BY step")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["step", "|", "n"]
+    assert table.stdout.splitlines()[2:] == ["0    | 3", "1    | 3", "2    | 2", "3    | 1", "(4 rows)"]
+    csv_out = run_pact("sql", store.root, "SELECT token_id, token FROM safety_tokens ORDER BY token_id", "--format", "csv")
+    assert csv_out.stdout.splitlines() == ["token_id,token", "3,a", "5,b", "7,c"]
+    js = run_pact("sql", store.root, "SELECT token_id FROM safety_tokens ORDER BY 1", "--format", "json")
+    assert json.loads(js.stdout) == [{"token_id": 3}, {"token_id": 5}, {"token_id": 7}]
+
+
+def test_sql_refuses_writes_with_one_line(tmp_path):
+    store = Store(tmp_path / "s")
+    make_safety(store)
+    result = run_pact("sql", store.root, "DROP VIEW targets")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: pact sql is read-only: DROP statements are not allowed (only SELECT)"
+    missing = run_pact("sql", tmp_path / "nowhere", "SELECT 1")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
