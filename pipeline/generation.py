@@ -1,0 +1,163 @@
+"""Batched greedy generation with left padding, for evaluation and guard-model judging.
+
+Prompts are token-id lists (chat template already applied). A batch is left-padded
+to its longest prompt, positions count only real tokens, and decoding is pure
+argmax with a KV cache until every row hit a stop token or `max_new_tokens`, so a
+prompt's generation does not depend on the batch it sits in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.encoding import render, tokenize
+from store.errors import PactError
+
+TURN_PROBE = "pact-turn-probe"
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of `chat_template(messages, add_generation_prompt=True)`, no added specials."""
+    return tokenize(tokenizer, render(tokenizer, list(messages), add_generation_prompt=True))
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template writes right after an assistant message, if any."""
+    turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": TURN_PROBE}]
+    try:
+        text = render(tokenizer, turn, add_generation_prompt=False)
+    except PactError:  # a template that cannot render an assistant turn has no end-of-turn token to find
+        return None
+    at = text.rfind(TURN_PROBE)
+    if at < 0:
+        return None
+    suffix = tokenize(tokenizer, text[at + len(TURN_PROBE) :].lstrip(" "))
+    if suffix and suffix[0] in set(getattr(tokenizer, "all_special_ids", [])):
+        return suffix[0]
+    return None
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Ids that end a generation: the tokenizer's eos, the model's generation-config eos
+    (one id or a list) and the chat template's end-of-turn special token."""
+    stops = _as_ids(tokenizer.eos_token_id)
+    config = getattr(model, "generation_config", None)
+    stops += _as_ids(getattr(config, "eos_token_id", None))
+    turn = end_of_turn_id(tokenizer)
+    if turn is not None:
+        stops.append(turn)
+    return sorted(set(stops))
+
+
+def _model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward() keyword for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _greedy_batch(
+    model: Any, prompts: list[list[int]], pad_id: int, stops: Any, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy continuation ids of one batch (stop token excluded)."""
+    import torch
+
+    device = _model_device(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    produced: list[torch.Tensor] = []
+    cache_argument = _cache_argument(model)
+    cache = None
+    step_ids, step_positions = input_ids, positions
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention,
+            position_ids=step_positions,
+            use_cache=True,
+            **{cache_argument: cache},
+        )
+        cache = out[cache_argument] if cache_argument in out else out.get("past_key_values")
+        next_ids = out.logits[:, -1, :].argmax(dim=-1)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        produced.append(next_ids)
+        finished |= torch.isin(next_ids, stops)
+        if bool(finished.all()):
+            break
+        step_ids = next_ids[:, None]
+        step_positions = step_positions[:, -1:] + 1
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    tokens = torch.stack(produced, dim=1).tolist()
+    stop_set = set(stops.tolist())
+    result = []
+    for row in tokens:
+        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def greedy_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy completions (decoded, special tokens skipped) of token-id `prompts`.
+
+    Prompts are sorted by length and batched `batch_size` at a time with left
+    padding; results come back in the input order. The model's train/eval mode is
+    restored afterwards.
+    """
+    import torch
+    from tqdm import tqdm
+
+    if max_new_tokens < 1:
+        raise PactError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise PactError(f"batch_size must be at least 1, got {batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise PactError("a prompt encodes to no tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise PactError("the tokenizer has neither a pad nor an eos token")
+    stops = torch.tensor(stop_token_ids(model, tokenizer) or [-1], dtype=torch.long, device=_model_device(model))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = [list(prompts[i]) for i in chunk]
+                for i, ids in zip(chunk, _greedy_batch(model, batch, pad_id, stops, max_new_tokens), strict=True):
+                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return outputs
