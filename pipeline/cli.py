@@ -9,6 +9,7 @@ import click
 from pipeline.commands.data import data_command
 from pipeline.commands.eval import eval_command
 from pipeline.commands.plot import plot_command
+from pipeline.commands.precompute import precompute_command
 from pipeline.commands.sql import sql_command
 from pipeline.commands.tokens import tokens_command
 from store.errors import PactError
@@ -29,6 +30,7 @@ def cli() -> None:
 cli.add_command(data_command)
 cli.add_command(sql_command)
 cli.add_command(tokens_command)
+cli.add_command(precompute_command)
 cli.add_command(eval_command)
 cli.add_command(plot_command)
 

@@ -1,0 +1,73 @@
+"""`pact precompute`: the reference pass (stage 1) into the store."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from pipeline.data import FORMATS
+from pipeline.models import DTYPES
+from pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
+from store.targets import VALUE_DTYPES
+
+
+@click.command("precompute")
+@click.option("--reference", "reference", required=True, type=click.Path(path_type=str), help="Aligned (reference) model directory: safetensors weights + tokenizer.")
+@click.option("--data", "data", required=True, type=click.Path(path_type=str), help="Fine-tuning set (JSON, JSONL or Parquet).")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Store directory (holds the safety tokens from `pact tokens`).")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per forward pass (batches are length-bucketed).")
+@click.option("--max-batch-tokens", default=None, type=int, help="Cap on rows x padded length per batch.")
+@click.option("--max-length", default=1024, show_default=True, type=int, help="Max prompt + response tokens (the response tail is cut); must match training.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (auto under torchrun: cuda:LOCAL_RANK).")
+@click.option("--chunk-positions", default=256, show_default=True, type=int, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory).")
+@click.option("--shard", "shard", default=None, help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i. Default 0/1, or RANK/WORLD_SIZE under torchrun.")
+@click.option("--value-dtype", default="float32", show_default=True, type=click.Choice(list(VALUE_DTYPES)), help="Stored dtype of the safety-token log-probs.")
+@click.option("--part-size", "part_size", default=256, show_default=True, type=int, help="Examples per Parquet part (a killed run loses at most one part of work).")
+@click.option("--format", "data_format", default=None, type=click.Choice(FORMATS), help="Row shape of --data; detected when omitted.")
+@click.option("--skip-invalid", is_flag=True, help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the reference directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def precompute_command(
+    reference: str,
+    data: str,
+    store_dir: str,
+    batch_size: int,
+    max_batch_tokens: int | None,
+    max_length: int,
+    dtype: str,
+    device: str,
+    chunk_positions: int,
+    shard: str | None,
+    value_dtype: str,
+    part_size: int,
+    data_format: str | None,
+    skip_invalid: bool,
+    trust_remote_code: bool,
+    no_progress: bool,
+) -> None:
+    """Run the reference model once over --data and cache its safety-token targets in --store.
+
+    Resumable: examples already stored with the same token hash are skipped, so a rerun
+    after a crash computes only what is missing. Shards (--shard i/N) may run at the same
+    time into one store.
+    """
+    shard_of_run, device = torchrun_defaults(shard, device, os.environ)
+    options = PrecomputeOptions(
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        max_length=max_length,
+        dtype=dtype,
+        device=device,
+        chunk_positions=chunk_positions,
+        shard=shard_of_run,
+        value_dtype=value_dtype,
+        examples_per_part=part_size,
+        data_format=data_format,
+        skip_invalid=skip_invalid,
+        trust_remote_code=trust_remote_code,
+        progress=not no_progress,
+    )
+    summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
+    click.echo(summary.line())

@@ -1,0 +1,728 @@
+"""Stage 1: run the reference (aligned) model once over the fine-tuning set, cache its targets.
+
+For every example (encoded by `pipeline.encoding.encode_example`, the encoding the
+trainer uses) and every response step t -- the logits at input position
+`response_start - 1 + t`, which predict response token t -- the store receives the
+full-vocabulary log-probs of the safety tokens, the teacher-forced token, its
+log-prob and the entropy of the step's distribution. Post-only targets (assistant
+header + response, the prompt removed) are computed once per distinct response.
+
+Memory: the decoder body runs on the whole batch, but the LM head is applied only
+to the hidden states at response positions, `chunk_positions` rows at a time, and
+each [chunk, V] block is reduced (float32 log-softmax, gather of the safety ids,
+token log-prob, entropy) before the next one: full-vocabulary logits for a whole
+batch never exist.
+
+Resume / staleness: examples already stored with the same token hash are skipped; a
+changed token hash drops the example's old rows (its parts are rewritten without
+them and swapped in the manifest in one update) and recomputes it; a changed
+reference (model, safety set, tokenizer, template, header, compute or value dtype)
+drops every part of the store and recomputes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from pipeline.data import FORMATS, load_examples
+from pipeline.encoding import (
+    Encoded,
+    EncodingOptions,
+    assistant_header_ids,
+    encode_example,
+    encoding_fingerprints,
+    post_only_ids,
+)
+from pipeline.models import (
+    DTYPES,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
+from store.atomic import atomic_write_with
+from store.errors import PactError
+from store.manifest import Store
+from store.safety import SafetySet, load_safety_set
+from store.targets import VALUE_DTYPES, TargetReader, TargetWriter
+
+# Reference-entry keys whose change invalidates every stored row (post-only rows included).
+GLOBAL_REFERENCE_KEYS = (
+    "model",
+    "safety_tokens",
+    "tokenizer",
+    "chat_template",
+    "assistant_header",
+    "compute_dtype",
+    "value_dtype",
+)
+PROBE_TOKENS = 32
+# Max |log-prob difference| tolerated between the chunked head and the model's own forward.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.25}
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: examples with int(sha256(example_id), 16) % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'i/N' with 0 <= i < N."""
+        match = _SHARD.match(text or "")
+        if not match:
+            raise PactError(f"--shard must look like i/N (e.g. 0/4), got {text!r}")
+        index, count = int(match.group(1)), int(match.group(2))
+        if count < 1 or not 0 <= index < count:
+            raise PactError(f"--shard {text!r}: need N >= 1 and 0 <= i < N")
+        return cls(index, count)
+
+    @property
+    def tag(self) -> str:
+        """The writer's part-name tag, e.g. `s0of4`."""
+        return f"s{self.index}of{self.count}"
+
+    def owns(self, example_id: str) -> bool:
+        return shard_of(example_id, self.count) == self.index
+
+
+def torchrun_defaults(shard: str | None, device: str, environ: Mapping[str, str]) -> tuple[Shard, str]:
+    """Shard and device for a run: an explicit --shard wins; under torchrun (RANK and
+    WORLD_SIZE set) the shard is RANK/WORLD_SIZE and --device auto becomes cuda:LOCAL_RANK
+    when CUDA is available; else shard 0/1."""
+    if shard is not None:
+        parsed = Shard.parse(shard)
+    elif "RANK" in environ and "WORLD_SIZE" in environ:
+        parsed = Shard.parse(f"{environ['RANK']}/{environ['WORLD_SIZE']}")
+    else:
+        parsed = Shard()
+    if device == "auto" and environ.get("LOCAL_RANK", "").isdigit() and torch.cuda.is_available():
+        device = f"cuda:{int(environ['LOCAL_RANK'])}"
+    return parsed, device
+
+
+def shard_of(example_id: str, count: int) -> int:
+    """int(sha256(example_id utf-8), 16) % count."""
+    return int(hashlib.sha256(example_id.encode("utf-8")).hexdigest(), 16) % count
+
+
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """Options of `run_precompute` (the CLI flags of `pact precompute`)."""
+
+    batch_size: int = 8
+    max_batch_tokens: int | None = None  # cap on batch rows x padded length
+    max_length: int = 1024
+    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:i
+    chunk_positions: int = 256  # response positions per LM-head chunk
+    shard: Shard = field(default_factory=Shard)
+    value_dtype: str = "float32"  # stored dtype of the safety-token log-probs
+    examples_per_part: int = 256
+    data_format: str | None = None  # one of pipeline.data.FORMATS; detected when None
+    skip_invalid: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """PactError for any out-of-range option."""
+        if self.batch_size < 1:
+            raise PactError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise PactError(f"--max-batch-tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.chunk_positions < 1:
+            raise PactError(f"--chunk-positions must be at least 1, got {self.chunk_positions}")
+        if self.examples_per_part < 1:
+            raise PactError(f"--part-size must be at least 1, got {self.examples_per_part}")
+        if self.dtype not in DTYPES:
+            raise PactError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise PactError(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
+        if not _DEVICE.match(self.device):
+            raise PactError(f"--device {self.device!r} must be auto, cpu, cuda or cuda:<index>")
+        if self.data_format is not None and self.data_format not in FORMATS:
+            raise PactError(f"--format {self.data_format!r} is not one of {', '.join(FORMATS)}")
+        if not isinstance(self.shard, Shard):
+            raise PactError("PrecomputeOptions.shard must be a Shard (use Shard.parse('i/N'))")
+        EncodingOptions(max_length=self.max_length)
+
+
+@dataclass
+class PrecomputeSummary:
+    """What one run did. Counts are over this shard's examples."""
+
+    examples: int = 0  # valid examples of this shard
+    computed: int = 0  # examples computed by this run (stale ones included)
+    skipped: int = 0  # already in the store with the same token hash
+    stale: int = 0  # in the store with another token hash: rows dropped, recomputed
+    reference_reset: bool = False  # the store held another reference: every part dropped
+    response_tokens: int = 0  # response steps computed
+    responses_computed: int = 0  # distinct responses whose post-only targets were computed
+    bytes_written: int = 0
+    parts_written: int = 0
+    seconds: float = 0.0
+    dropped: list[str] = field(default_factory=list)  # invalid rows / unencodable examples skipped
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        rate = self.seconds if self.seconds > 0 else float("nan")
+        stale = f", {self.stale} stale recomputed" if self.stale else ""
+        dropped = f", {len(self.dropped)} invalid dropped" if self.dropped else ""
+        return (
+            f"precompute: {self.computed} examples computed, {self.skipped} skipped (up to date){stale}{dropped}; "
+            f"{self.response_tokens} response tokens, {self.responses_computed} distinct responses; "
+            f"{_human_bytes(self.bytes_written)} written in {self.parts_written} part{'s' if self.parts_written != 1 else ''}; "
+            f"{self.seconds:.1f} s ({self.computed / rate:.1f} examples/s, {self.response_tokens / rate:.0f} tokens/s)"
+        )
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------- the core
+
+
+def decoder_body(model: Any) -> Any:
+    """The module that maps input ids to final-norm hidden states (`get_decoder()` or `.model`)."""
+    getter = getattr(model, "get_decoder", None)
+    body = getter() if callable(getter) else None
+    if body is None or body is model:
+        body = getattr(model, "model", None)
+    if body is None or body is model:
+        raise PactError(f"{type(model).__name__}: cannot find the decoder body (get_decoder() or .model)")
+    return body
+
+
+def logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the model's own forward does to `lm_head(h)`, from its config, or None.
+
+    Handled: `logit_scale` (multiply, Cohere), `logits_scaling` (divide, Granite),
+    `final_logit_softcapping` (cap * tanh(x / cap), Gemma 2/3). Applied in the head's
+    dtype, in that order, as the models do. Anything else a model does is caught by
+    `check_head_matches_forward`.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    divisor = getattr(text, "logits_scaling", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        steps.append(lambda x: x * scale)
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 1:
+        steps.append(lambda x: x / divisor)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return apply
+
+
+def logit_stats(
+    model: Any,
+    hidden: torch.Tensor,
+    safety_ids: torch.Tensor,
+    chunk: int = 256,
+    target_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Chunked LM head + float32 log-softmax statistics of hidden states.
+
+    hidden: [N, H] final-norm hidden states; safety_ids: int64 [S]; target_ids: int64 [N]
+    or None. Returns float32 tensors on hidden's device: `safety_logprobs` [N, S]
+    (full-vocabulary log-probs at the safety ids), `entropy` [N] (nats) and, with
+    target_ids, `token_logprob` [N]. At most `chunk` rows of [*, V] logits exist at once.
+    """
+    if chunk < 1:
+        raise PactError(f"chunk must be at least 1, got {chunk}")
+    head = model.get_output_embeddings()
+    transform = logit_transform(model.config)
+    safety_ids = safety_ids.to(hidden.device)
+    count = hidden.shape[0]
+    safety = torch.empty((count, safety_ids.numel()), dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(count, dtype=torch.float32, device=hidden.device)
+    token = torch.empty(count, dtype=torch.float32, device=hidden.device) if target_ids is not None else None
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        logits = head(hidden[start:stop])
+        if transform is not None:
+            logits = transform(logits)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        del logits
+        safety[start:stop] = logprobs.index_select(1, safety_ids)
+        entropy[start:stop] = -logprobs.exp().mul_(logprobs).sum(dim=-1)
+        if token is not None:
+            rows = target_ids[start:stop].to(hidden.device).view(-1, 1)
+            token[start:stop] = logprobs.gather(1, rows).view(-1)
+    result = {"safety_logprobs": safety, "entropy": entropy}
+    if token is not None:
+        result["token_logprob"] = token
+    return result
+
+
+def reference_targets(
+    model: Any,
+    batch_input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    safety_ids: torch.Tensor,
+    chunk: int = 256,
+    *,
+    target_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Reference statistics at selected positions of a right-padded batch.
+
+    batch_input_ids, attention_mask: [B, L]; positions: int64 [N, 2] of (row, input
+    position) -- e.g. `mask.nonzero()`; the logits there predict the next token.
+    safety_ids: int64 [S]; target_ids: int64 [N] (the token each position predicts) or
+    None. Runs the decoder body once, then `logit_stats` on the N gathered hidden states:
+    returns float32 `safety_logprobs` [N, S], `entropy` [N], and `token_logprob` [N]
+    when target_ids is given, in the order of `positions`. Call under torch.inference_mode().
+    """
+    if positions.ndim != 2 or positions.shape[1] != 2:
+        raise PactError(f"positions must have shape [N, 2] (row, position), got {tuple(positions.shape)}")
+    body = decoder_body(model)
+    output = body(input_ids=batch_input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    positions = positions.to(hidden.device)
+    selected = hidden[positions[:, 0], positions[:, 1]]
+    del hidden, output
+    return logit_stats(model, selected, safety_ids, chunk, target_ids)
+
+
+def check_head_matches_forward(model: Any, input_ids: torch.Tensor, safety_ids: torch.Tensor) -> None:
+    """Refuse a model whose own forward post-processes logits in a way pact does not reproduce.
+
+    Compares `reference_targets` with log_softmax(model(input_ids).logits) on a short
+    probe ([1, L] ids, L <= PROBE_TOKENS); PactError when they differ.
+    """
+    ids = input_ids[:, :PROBE_TOKENS]
+    mask = torch.ones_like(ids)
+    positions = torch.stack([torch.zeros(ids.shape[1], dtype=torch.long), torch.arange(ids.shape[1])], dim=1)
+    ours = reference_targets(model, ids, mask, positions, safety_ids, chunk=PROBE_TOKENS)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    full = torch.log_softmax(logits[0].float(), dim=-1)
+    theirs = full.index_select(1, safety_ids.to(full.device))
+    gap = (ours["safety_logprobs"] - theirs).abs().max().item()
+    dtype = next(model.parameters()).dtype
+    tolerance = PROBE_TOLERANCE.get(dtype, 0.25)
+    if not math.isfinite(gap) or gap > tolerance:
+        raise PactError(
+            f"{type(model).__name__} post-processes its logits in a way pact does not reproduce "
+            f"(chunked LM head differs from the model's forward by {gap:.3g} in log-prob); "
+            "this architecture is not supported by pact precompute"
+        )
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Length-bucketed batches of indices into `lengths`, longest first.
+
+    Each batch has at most `batch_size` items and rows x longest length <=
+    `max_batch_tokens` (a single item longer than the cap forms its own batch).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current:
+            longest = lengths[current[0]]
+            full = len(current) >= batch_size
+            too_many_tokens = max_batch_tokens is not None and (len(current) + 1) * longest > max_batch_tokens
+            if full or too_many_tokens:
+                batches.append(current)
+                current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(sequences: list[np.ndarray], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, both int64 [B, L]."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def _step_positions(starts: list[int], lengths: list[int]) -> np.ndarray:
+    """int64 [sum(lengths), 2]: (row, start + t) for t < length, row by row."""
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    offsets = np.concatenate([np.arange(n) for n in lengths])
+    return np.stack([rows, np.repeat(starts, lengths) + offsets], axis=1).astype(np.int64)
+
+
+def _split(values: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    return np.split(values, np.cumsum(lengths)[:-1])
+
+
+# ----------------------------------------------------------------------------- store state
+
+
+def _reference_entry(
+    model_dir: Path, fingerprint: str, compute_dtype: torch.dtype, options: PrecomputeOptions,
+    safety: SafetySet, tokenizer: Any,
+) -> dict[str, Any]:
+    return {
+        "model": fingerprint,
+        "model_path": str(model_dir.resolve()),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "value_dtype": options.value_dtype,
+        "safety_tokens": safety.fingerprint,
+        **encoding_fingerprints(tokenizer, EncodingOptions(max_length=options.max_length)),
+    }
+
+
+def _claim_reference(store: Store, reference: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Record `reference` in the manifest; when the stored one differs in a global key,
+    unregister every part in the same update. Returns (changed keys, dropped part paths)."""
+    changed: list[str] = []
+    dropped: list[str] = []
+
+    def change(manifest: dict[str, Any]) -> None:
+        old = manifest.get("reference")
+        if old is not None and manifest["parts"]:
+            changed.extend(k for k in GLOBAL_REFERENCE_KEYS if old.get(k) != reference[k])
+            if changed:
+                dropped.extend(p["path"] for p in manifest["parts"])
+                manifest["parts"] = []
+        manifest["reference"] = reference
+
+    store.update_manifest(change)
+    for relative in dropped:
+        store.resolve(relative).unlink(missing_ok=True)
+    return changed, dropped
+
+
+def _drop_examples(store: Store, example_ids: set[str], shard_tag: str) -> int:
+    """Rewrite every targets part holding rows of `example_ids` without them.
+
+    Runs inside one manifest update (under the store lock): each replacement part is
+    written atomically under a new name tagged `shard_tag` (an orphan if we die before
+    the manifest is written: the next writer with that tag deletes it), the manifest
+    swaps old entries for new ones, then the old files are deleted. Returns bytes written.
+    """
+    if not example_ids:
+        return 0
+    value_set = pa.array(sorted(example_ids), pa.string())
+    replaced: list[str] = []
+    written = 0
+
+    def change(manifest: dict[str, Any]) -> None:
+        nonlocal written
+        parts = []
+        for entry in manifest["parts"]:
+            if entry["kind"] != "targets":
+                parts.append(entry)
+                continue
+            path = store.resolve(entry["path"])
+            keys = pq.read_table(path, columns=["example_id"]).column("example_id")
+            drop = pc.is_in(keys, value_set=value_set)
+            if not pc.any(drop).as_py():
+                parts.append(entry)
+                continue
+            replaced.append(entry["path"])
+            kept = pq.read_table(path).filter(pc.invert(drop))
+            if kept.num_rows == 0:
+                continue
+            relative = f"targets/part-{shard_tag}-{uuid.uuid4().hex[:12]}.parquet"
+            final = store.root / relative
+            atomic_write_with(final, lambda p, t=kept: pq.write_table(t, p, row_group_size=65536))
+            size = final.stat().st_size
+            written += size
+            examples = len(pc.unique(kept.column("example_id")))
+            parts.append(
+                {"kind": "targets", "path": relative, "rows": kept.num_rows, "examples": examples, "bytes": size}
+            )
+        manifest["parts"] = parts
+
+    store.update_manifest(change)
+    for relative in replaced:
+        store.resolve(relative).unlink(missing_ok=True)
+    return written
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Work:
+    encoded: list[Encoded]  # examples to compute
+    skipped: int
+    stale: set[str]
+
+
+def _encode_shard(
+    tokenizer: Any, examples: list[Any], options: PrecomputeOptions, summary: PrecomputeSummary
+) -> list[Encoded]:
+    encoding = EncodingOptions(max_length=options.max_length)
+    encoded = []
+    for example in examples:
+        if not options.shard.owns(example.example_id):
+            continue
+        try:
+            encoded.append(encode_example(tokenizer, example, encoding))
+        except PactError as exc:
+            if not options.skip_invalid:
+                raise PactError(f"{exc} (row {example.row}; pass --skip-invalid to skip it)") from None
+            summary.dropped.append(f"row {example.row}: {exc}")
+    return encoded
+
+
+def _plan_work(store: Store, encoded: list[Encoded]) -> tuple[_Work, set[str]]:
+    """Which examples to compute; the response hashes the store already holds."""
+    if not store.read_manifest()["parts"]:
+        return _Work(encoded, 0, set()), set()
+    reader = TargetReader(store, check_finite=False)
+    todo, stale, skipped = [], set(), 0
+    for item in encoded:
+        if item.example_id in reader:
+            if reader.token_hash(item.example_id) == item.token_hash:
+                skipped += 1
+                continue
+            stale.add(item.example_id)
+        todo.append(item)
+    return _Work(todo, skipped, stale), reader.response_hashes()
+
+
+def _check_vocabulary(model_dir: Path, vocab_rows: int | None, safety: SafetySet, what: str) -> None:
+    """The reference must have the vocabulary the safety set was built on."""
+    if vocab_rows is None:
+        return
+    largest = int(safety.token_ids.max())
+    if vocab_rows <= largest or vocab_rows != safety.vocab_size:
+        raise PactError(
+            f"reference {model_dir} has {vocab_rows} {what} but the safety set was built on a "
+            f"{safety.vocab_size}-token vocabulary (largest safety id {largest}); "
+            "use the aligned model `pact tokens` ran with"
+        )
+
+
+def _config_vocab_size(model_dir: Path, trust_remote_code: bool) -> int | None:
+    """config vocab_size of a local model directory (checked to exist), or None."""
+    from transformers import AutoConfig
+
+    if not model_dir.exists():
+        raise PactError(f"model path {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise PactError(f"model path {model_dir} is not a directory (expected a local model directory)")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PactError(f"cannot read the model config in {model_dir}: {str(exc).splitlines()[0]}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def run_precompute(
+    model_dir: str | Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: PrecomputeOptions | None = None,
+    *,
+    echo: Callable[[str], None] | None = None,
+) -> PrecomputeSummary:
+    """Compute the reference targets of every example of `data_path` (this shard) into the store.
+
+    Every check (options, safety set, model path and vocabulary, data, encoding, the
+    LM-head probe) runs before the first write. `echo` receives one-line notes (reference
+    reset, stale examples, dropped rows); default: stderr.
+    """
+    options = options or PrecomputeOptions()
+    say = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+    started = time.perf_counter()
+    options.validate()
+    summary = PrecomputeSummary()
+    model_dir = Path(model_dir)
+    store = Store(store_dir)
+    safety = load_safety_set(store)
+    _check_vocabulary(model_dir, _config_vocab_size(model_dir, options.trust_remote_code), safety, "vocabulary entries (config.vocab_size)")
+    loaded = load_examples(data_path, options.data_format, skip_invalid=options.skip_invalid)
+    summary.dropped += [f"row {bad.row}: {bad.reason}" for bad in loaded.invalid]
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=options.trust_remote_code)
+    encoded = _encode_shard(tokenizer, loaded.examples, options, summary)
+    header = assistant_header_ids(tokenizer)
+    summary.examples = len(encoded)
+    fingerprint = model_fingerprint(model_dir)
+
+    device = resolve_device(options.device)
+    compute_dtype = resolve_dtype(options.dtype, device)
+    model = load_model(
+        model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code
+    )
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise PactError(f"reference {model_dir} has no output embedding (LM head)")
+    _check_vocabulary(model_dir, int(head.weight.shape[0]), safety, "output-embedding rows")
+    safety_ids = torch.from_numpy(safety.token_ids.astype(np.int64)).to(device)
+    if encoded:
+        with torch.inference_mode():
+            probe = torch.from_numpy(encoded[0].input_ids[None, :]).to(device)
+            check_head_matches_forward(model, probe, safety_ids)
+
+    for line in summary.dropped:
+        say(f"skipped {line}")
+    reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)
+    changed, dropped_parts = _claim_reference(store, reference)
+    if changed:
+        summary.reference_reset = True
+        say(
+            f"the store was computed with another reference ({', '.join(changed)} changed): "
+            f"dropped {len(dropped_parts)} parts, recomputing every example"
+        )
+    work, stored_responses = _plan_work(store, encoded)
+    summary.skipped, summary.stale = work.skipped, len(work.stale)
+    if work.stale:
+        say(f"{len(work.stale)} examples have a new token hash (tokenizer, template or max length changed): recomputing them")
+        summary.bytes_written += _drop_examples(store, work.stale, options.shard.tag)
+
+    writer = TargetWriter(
+        store,
+        safety.size,
+        shard_tag=options.shard.tag,
+        value_dtype=options.value_dtype,
+        examples_per_part=options.examples_per_part,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        _compute(model, work.encoded, header, stored_responses, safety_ids, pad_id, device, options, writer, summary)
+    except KeyboardInterrupt:
+        writer.flush()  # keep the finished examples: a rerun resumes after them
+        raise
+    writer.close()
+    summary.bytes_written += writer.bytes_written
+    summary.parts_written = writer.parts_written
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _compute(
+    model: Any,
+    todo: list[Encoded],
+    header: list[int],
+    stored_responses: set[str],
+    safety_ids: torch.Tensor,
+    pad_id: int,
+    device: str,
+    options: PrecomputeOptions,
+    writer: TargetWriter,
+    summary: PrecomputeSummary,
+) -> None:
+    """Batched reference passes over `todo`; post-only targets of new responses go to the
+    writer before the first example that uses them (so a registered example always has them)."""
+    done_responses = set(stored_responses)
+    batches = plan_batches([len(e.input_ids) for e in todo], options.batch_size, options.max_batch_tokens)
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="ex", desc="precompute", disable=not options.progress, file=sys.stderr)
+    with torch.inference_mode(), bar:
+        for batch in batches:
+            items = [todo[i] for i in batch]
+            new = {}
+            for item in items:
+                if item.response_hash not in done_responses:
+                    new.setdefault(item.response_hash, item.response_ids)
+            for response_hash, post in _post_only(model, new, header, safety_ids, pad_id, device, options).items():
+                writer.add_post(response_hash, post)
+                done_responses.add(response_hash)
+                summary.responses_computed += 1
+            stats = _full_context(model, items, safety_ids, pad_id, device, options)
+            for item, (logprobs, token_logprob, entropy) in zip(items, stats, strict=True):
+                writer.add_example(
+                    item.example_id,
+                    item.token_hash,
+                    item.response_hash,
+                    item.response_ids,
+                    token_logprob,
+                    entropy,
+                    logprobs,
+                )
+                summary.computed += 1
+                summary.response_tokens += item.response_length
+            bar.update(len(items))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{summary.response_tokens / elapsed:.0f} tokens/s", refresh=False)
+
+
+def _full_context(
+    model: Any, items: list[Encoded], safety_ids: torch.Tensor, pad_id: int, device: str, options: PrecomputeOptions
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per item: safety log-probs [T, S], token log-probs [T], entropy [T]."""
+    ids, mask = _pad([e.input_ids for e in items], pad_id, device)
+    lengths = [e.response_length for e in items]
+    positions = _step_positions([e.response_start - 1 for e in items], lengths)
+    targets = np.concatenate([e.response_ids for e in items])
+    out = reference_targets(
+        model, ids, mask, torch.from_numpy(positions), safety_ids, options.chunk_positions,
+        target_ids=torch.from_numpy(targets),
+    )
+    safety = _split(out["safety_logprobs"].cpu().numpy(), lengths)
+    token = _split(out["token_logprob"].cpu().numpy(), lengths)
+    entropy = _split(out["entropy"].cpu().numpy(), lengths)
+    return list(zip(safety, token, entropy, strict=True))
+
+
+def _post_only(
+    model: Any,
+    responses: dict[str, np.ndarray],
+    header: list[int],
+    safety_ids: torch.Tensor,
+    pad_id: int,
+    device: str,
+    options: PrecomputeOptions,
+) -> dict[str, np.ndarray]:
+    """Post-only safety log-probs [T, S] per response hash (header + response[:-1])."""
+    if not responses:
+        return {}
+    hashes = list(responses)
+    contexts = [post_only_ids(header, responses[h]) for h in hashes]
+    result: dict[str, np.ndarray] = {}
+    batches = plan_batches([len(ids) for ids, _ in contexts], options.batch_size, options.max_batch_tokens)
+    for batch in batches:
+        ids, mask = _pad([contexts[i][0] for i in batch], pad_id, device)
+        lengths = [len(responses[hashes[i]]) for i in batch]
+        positions = _step_positions([contexts[i][1] for i in batch], lengths)
+        out = reference_targets(model, ids, mask, torch.from_numpy(positions), safety_ids, options.chunk_positions)
+        for i, values in zip(batch, _split(out["safety_logprobs"].cpu().numpy(), lengths), strict=True):
+            result[hashes[i]] = values
+    return result
