@@ -7,6 +7,7 @@ import sys
 import click
 
 from pipeline.commands.data import data_command
+from pipeline.commands.demo import demo_command
 from pipeline.commands.eval import eval_command
 from pipeline.commands.plot import plot_command
 from pipeline.commands.precompute import precompute_command
@@ -33,6 +34,7 @@ cli.add_command(tokens_command)
 cli.add_command(precompute_command)
 cli.add_command(eval_command)
 cli.add_command(plot_command)
+cli.add_command(demo_command)
 
 
 def main() -> None:
