@@ -13,6 +13,7 @@ from pipeline.commands.plot import plot_command
 from pipeline.commands.precompute import precompute_command
 from pipeline.commands.sql import sql_command
 from pipeline.commands.tokens import tokens_command
+from pipeline.commands.train import train_command
 from store.errors import PactError
 
 
@@ -32,6 +33,7 @@ cli.add_command(data_command)
 cli.add_command(sql_command)
 cli.add_command(tokens_command)
 cli.add_command(precompute_command)
+cli.add_command(train_command)
 cli.add_command(eval_command)
 cli.add_command(plot_command)
 cli.add_command(demo_command)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,30 +76,41 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
         raise PactError(f"data file {path} does not exist")
     if path.is_dir():
         raise PactError(f"data file {path} is a directory")
+    if not path.is_file():
+        raise PactError(f"data file {path} is not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PactError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PactError(f"{path} is not valid UTF-8 (byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PactError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise PactError(f"{path} is empty")
     if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 rows.append((number, json.loads(line, parse_constant=_reject_constant)))
             except (json.JSONDecodeError, ValueError) as exc:
                 raise PactError(f"{path}:{number}: malformed JSON line ({_short(exc)})") from None
+            except RecursionError:
+                raise PactError(f"{path}:{number}: JSON nested too deeply") from None
         return rows
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError) as exc:
-        line = getattr(exc, "lineno", "?")
+        line = getattr(exc, "lineno", None) or _constant_line(text)
         raise PactError(f"{path}:{line}: malformed JSON ({_short(exc)})") from None
+    except RecursionError:
+        raise PactError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -110,8 +122,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _constant_line(text: str) -> int | str:
+    """Line of the first bare NaN/Infinity (json reports no position for those)."""
+    match = re.search(r"[:\[,]\s*(-?Infinity|NaN)\b", text)
+    return text.count("\n", 0, match.start(1)) + 1 if match else "?"
+
+
 def _short(exc: Exception) -> str:
-    return str(exc).split(": line")[0][:200]
+    return " ".join(str(exc).split(": line")[0].split())[:200]
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """repr of a value cut to `limit` characters, safe to echo in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_parquet(path: Path) -> list[tuple[int, Any]]:
@@ -120,8 +144,9 @@ def _read_parquet(path: Path) -> list[tuple[int, Any]]:
 
     try:
         table = pq.read_table(path)
+        table.validate(full=True)
     except (pa.ArrowException, OSError) as exc:
-        raise PactError(f"{path} is not a readable Parquet file ({str(exc)[:200]})") from None
+        raise PactError(f"{path} is not a readable Parquet file ({_short(exc)})") from None
     if table.num_rows == 0:
         raise PactError(f"{path} is empty")
     return list(enumerate(table.to_pylist(), start=1))
@@ -150,6 +175,14 @@ def _string(row: dict, key: str, *, required: bool = True) -> str | None:
         if isinstance(value, float) and not math.isfinite(value):
             raise _RowError(f"field '{key}' is {value}, not a string")
         raise _RowError(f"field '{key}' is {type(value).__name__}, not a string")
+    return _check_text(value, f"field '{key}'")
+
+
+def _check_text(value: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowError(f"{what} contains an unpaired surrogate (invalid Unicode)") from None
     return value
 
 
@@ -196,11 +229,11 @@ def _parse_messages(value: Any) -> list[dict[str, str]]:
             raise _RowError(f"messages[{i}] is not an object")
         role = message.get("role")
         if role not in ROLES:
-            raise _RowError(f"messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise _RowError(f"messages[{i}] has unknown role {_clip(role)} (expected one of {', '.join(ROLES)})")
         content = message.get("content")
         if not isinstance(content, str):
             raise _RowError(f"messages[{i}].content is {type(content).__name__}, not a string")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": _check_text(content, f"messages[{i}].content")})
     return messages
 
 
@@ -215,7 +248,9 @@ def _row_id(row: Any) -> str | None:
         raise _RowError("field 'id' is empty")
     if len(text) > 512:
         raise _RowError("field 'id' is longer than 512 characters")
-    return text
+    if any(ord(c) < 32 for c in text):
+        raise _RowError("field 'id' contains control characters")
+    return _check_text(text, "field 'id'")
 
 
 def load_examples(
@@ -240,7 +275,12 @@ def load_examples(
         raise PactError(f"{path} holds no rows")
     fmt = format or detect_format(rows[0][1])
     if fmt is None:
-        keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else type(rows[0][1]).__name__
+        first = rows[0][1]
+        if isinstance(first, dict):
+            names = sorted(str(k) for k in first)
+            keys = "[" + ", ".join(_clip(k, 40) for k in names[:10]) + (", ..." if len(names) > 10 else "") + "]"
+        else:
+            keys = type(first).__name__
         raise PactError(
             f"{path}: cannot detect the format from row 1 (fields {keys}); expected "
             "'instruction'/'input'/'output', 'messages' or 'prompt'/'completion' (or pass --format)"
@@ -255,9 +295,9 @@ def load_examples(
         except _RowError as exc:
             row_id = row.get("id") if isinstance(row, dict) else None
             if not skip_invalid:
-                where = f" (id {row_id})" if row_id is not None else ""
+                where = f" (id {_clip(row_id)})" if row_id is not None else ""
                 raise PactError(f"{path}: row {number}{where}: {exc}") from None
-            result.invalid.append(InvalidRow(number, None if row_id is None else str(row_id), str(exc)))
+            result.invalid.append(InvalidRow(number, None if row_id is None else " ".join(str(row_id).split())[:80], str(exc)))
             continue
         digest = content_hash(messages, response)
         if given_id is None:
@@ -275,7 +315,7 @@ def load_examples(
                 result.repeated_with_id += 1
                 continue
             raise PactError(
-                f"{path}: id {example_id!r} is used by row {previous.row} and row {number} "
+                f"{path}: id {_clip(example_id)} is used by row {previous.row} and row {number} "
                 "with different content"
             )
         by_id[example_id] = example

@@ -42,6 +42,8 @@ def check_relative_path(relative: str) -> str:
     """Return `relative` if it is a plain relative path inside the store, else raise."""
     if not isinstance(relative, str) or not relative:
         raise PactError(f"manifest path {relative!r} is not a non-empty string")
+    if any(ord(c) < 32 or ord(c) == 127 for c in relative):
+        raise PactError(f"manifest path {relative!r} contains control characters (tampered manifest?)")
     pure = PurePosixPath(relative)
     if pure.is_absolute() or "\\" in relative or any(p in ("..", "") for p in pure.parts):
         raise PactError(f"manifest path {relative!r} points outside the store (tampered manifest?)")
@@ -66,6 +68,11 @@ def _validate(manifest: Any, path: Path) -> dict[str, Any]:
     for key in ("safety_tokens", "reference"):
         if manifest.get(key) is not None and not isinstance(manifest.get(key), dict):
             raise PactError(f"{path}: '{key}' is not an object (corrupted manifest?)")
+    safety = manifest.get("safety_tokens")
+    if safety is not None:
+        count = safety.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise PactError(f"{path}: safety_tokens.count {count!r} is not a positive integer (corrupted manifest?)")
     return manifest
 
 
@@ -101,8 +108,9 @@ class Store:
             return empty_manifest()
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PactError(f"{self.manifest_path} is not valid JSON ({exc}); corrupted manifest?") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise PactError(f"{self.manifest_path} is not valid JSON ({reason}); corrupted manifest?") from None
         return _validate(manifest, self.manifest_path)
 
     def require(self) -> dict[str, Any]:

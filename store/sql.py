@@ -17,7 +17,7 @@ from store.safety import TOKENS_FILE, TOKENS_SCHEMA
 from store.tables import EVALS_SCHEMA, METRICS_SCHEMA
 from store.targets import post_schema, targets_schema
 
-ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+ALLOWED_STATEMENTS = {"SELECT"}
 
 
 def _quote(text: str) -> str:
@@ -96,6 +96,8 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     create_views(con, store)
     root = str(store.root.resolve())
+    con.execute("SET temp_directory = ''")
+    con.execute("SET enable_progress_bar = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute(f"SET allowed_directories = [{_quote(root + '/')}]")
@@ -104,12 +106,19 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise PactError unless every statement in `sql` only reads."""
+    """Raise PactError unless every statement in `sql` is a SELECT.
+
+    EXPLAIN is refused too: EXPLAIN ANALYZE executes the statement it explains.
+    """
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise PactError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        raise PactError(f"SQL error: {_one_line(str(exc))}") from None
     if not statements:
         raise PactError("no SQL statement given")
     for statement in statements:
@@ -120,8 +129,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
     """Run read-only `sql` against the store; return (column names, rows)."""
-    con = connect_readonly(store)
+    store.require()
+    con = None
     try:
+        con = connect_readonly(store)
         check_read_only(con, sql)
         statements = con.extract_statements(sql)
         result = None
@@ -130,6 +141,7 @@ def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
         columns = [d[0] for d in result.description] if result.description else []
         return columns, result.fetchall()
     except duckdb.Error as exc:
-        raise PactError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        raise PactError(f"SQL error: {_one_line(str(exc))}") from None
     finally:
-        con.close()
+        if con is not None:
+            con.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from store.errors import PactError
 from store.manifest import Store
 
 VALUE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+ROW_GROUP_ROWS = 2048
+DEFAULT_MEMORY_BUDGET_MB = 1024.0
 
 
 def targets_schema(num_safety: int, value_dtype: str = "float32") -> pa.Schema:
@@ -178,7 +181,19 @@ class TargetWriter:
     def _write(self, kind: str, name: str, table: pa.Table, examples: int) -> dict[str, Any]:
         relative = f"{kind}/{name}"
         path = self.store.root / relative
-        atomic_write_with(path, lambda p: pq.write_table(table, p, row_group_size=65536))
+        # Small row groups let the reader load one example's rows without the whole part;
+        # dictionary encoding only pays for the repeated id/hash strings (and float16 values).
+        dictionary = ["example_id", "token_hash", "response_hash"] if self.value_dtype == "float32" else True
+        atomic_write_with(
+            path,
+            lambda p: pq.write_table(
+                table,
+                p,
+                row_group_size=ROW_GROUP_ROWS,
+                use_dictionary=[c for c in dictionary if c in table.column_names] if dictionary is not True else True,
+                write_page_checksum=True,
+            ),
+        )
         size = os.path.getsize(path)
         self.bytes_written += size
         return {"kind": kind, "path": relative, "rows": table.num_rows, "examples": examples, "bytes": size}
@@ -243,12 +258,18 @@ class TargetReader:
     from a memory-mapped part, so the cache never has to fit in RAM.
     """
 
-    def __init__(self, store: Store, *, check_finite: bool = True) -> None:
+    def __init__(
+        self, store: Store, *, check_finite: bool = True, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    ) -> None:
         self.store = store
         self.check_finite = check_finite
+        self.memory_budget = int(memory_budget_mb * 2**20)
         self.manifest = store.require()
         self._paths: dict[str, list[Path]] = {"targets": [], "post": []}
-        self._tables: dict[tuple[str, int], pa.Table] = {}
+        self._files: dict[tuple[str, int], pq.ParquetFile] = {}
+        self._group_starts: dict[tuple[str, int], np.ndarray] = {}
+        self._groups: OrderedDict[tuple[str, int, int], pa.Table] = OrderedDict()
+        self._cached_bytes = 0
         self._targets_index: dict[str, _Location] = {}
         self._post_index: dict[str, _Location] = {}
         for entry in self.manifest["parts"]:
@@ -256,21 +277,47 @@ class TargetReader:
             if not path.is_file():
                 raise PactError(f"store part {entry['path']} is listed in the manifest but missing")
             self._paths[entry["kind"]].append(path)
+        num_safety = (self.manifest.get("safety_tokens") or {}).get("count")
         for i, path in enumerate(self._paths["targets"]):
+            self._check_schema(path, targets_schema, num_safety)
             self._index(path, i, "example_id", self._targets_index, "example")
         for i, path in enumerate(self._paths["post"]):
+            self._check_schema(path, post_schema, num_safety)
             self._index(path, i, "response_hash", self._post_index, "response")
+
+    @staticmethod
+    def _unreadable(path: Path, exc: BaseException) -> PactError:
+        reason = " ".join(str(exc).split())[:300]
+        return PactError(f"store part {path.name} is unreadable ({reason}); delete it and rerun `pact precompute`")
+
+    def _check_schema(self, path: Path, expected: Any, num_safety: int | None) -> None:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise self._unreadable(path, exc) from None
+        width = num_safety or 1
+        allowed = [expected(width, dtype) for dtype in VALUE_DTYPES]
+        if num_safety is None or not any(schema.equals(a) for a in allowed):
+            raise PactError(
+                f"store part {path.name} does not have the expected columns and types for "
+                f"{num_safety} safety tokens (corrupted or foreign part?)"
+            )
 
     def _index(self, path: Path, part: int, key: str, index: dict[str, _Location], what: str) -> None:
         try:
-            keys = pq.read_table(path, columns=[key, "step"]).column(key).to_numpy(zero_copy_only=False)
+            table = pq.read_table(path, columns=[key, "step"])
+            keys = table.column(key).to_numpy(zero_copy_only=False)
+            steps = table.column("step").to_numpy(zero_copy_only=False)
         except (pa.ArrowException, OSError) as exc:
-            raise PactError(f"store part {path.name} is unreadable ({exc}); delete it and rerun `pact precompute`") from None
+            raise self._unreadable(path, exc) from None
         if len(keys) == 0:
             return
         change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
         starts = np.concatenate([[0], change])
         ends = np.concatenate([change, [len(keys)]])
+        expected_steps = np.arange(len(keys)) - np.repeat(starts, ends - starts)
+        if not np.array_equal(steps, expected_steps):
+            raise PactError(f"store part {path.name}: steps are not 0..T-1 per {what} (corrupted part?)")
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             value = keys[start]
             if value in index:
@@ -292,14 +339,45 @@ class TargetReader:
     def response_hashes(self) -> set[str]:
         return set(self._post_index)
 
-    def _table(self, kind: str, part: int) -> pa.Table:
+    def _file(self, kind: str, part: int) -> tuple[pq.ParquetFile, np.ndarray]:
         key = (kind, part)
-        if key not in self._tables:
-            self._tables[key] = pq.read_table(self._paths[kind][part], memory_map=True)
-        return self._tables[key]
+        if key not in self._files:
+            path = self._paths[kind][part]
+            try:
+                handle = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+            except (pa.ArrowException, OSError) as exc:
+                raise self._unreadable(path, exc) from None
+            sizes = [handle.metadata.row_group(i).num_rows for i in range(handle.num_row_groups)]
+            self._files[key] = handle
+            self._group_starts[key] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return self._files[key], self._group_starts[key]
+
+    def _group(self, kind: str, part: int, group: int) -> pa.Table:
+        """One row group, from a least-recently-used cache bounded by the memory budget."""
+        key = (kind, part, group)
+        table = self._groups.get(key)
+        if table is not None:
+            self._groups.move_to_end(key)
+            return table
+        handle, _ = self._file(kind, part)
+        try:
+            table = handle.read_row_group(group)
+        except (pa.ArrowException, OSError) as exc:
+            raise self._unreadable(self._paths[kind][part], exc) from None
+        self._groups[key] = table
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > self.memory_budget and len(self._groups) > 1:
+            _, evicted = self._groups.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+        return table
 
     def _rows(self, kind: str, loc: _Location) -> pa.Table:
-        return self._table(kind, loc.part).slice(loc.start, loc.steps)
+        _, starts = self._file(kind, loc.part)
+        first = int(np.searchsorted(starts, loc.start, side="right")) - 1
+        last = int(np.searchsorted(starts, loc.start + loc.steps - 1, side="right")) - 1
+        pieces = [self._group(kind, loc.part, g) for g in range(first, last + 1)]
+        table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+        return table.slice(loc.start - int(starts[first]), loc.steps)
 
     @staticmethod
     def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -321,8 +399,11 @@ class TargetReader:
         post_loc = self._post_index.get(response_hash)
         if post_loc is None or post_loc.steps != loc.steps:
             raise PactError(f"example {example_id}: post-only targets of its response are missing")
-        full = self._matrix(rows.column("full_logprobs"))
-        post = self._matrix(self._rows("post", post_loc).column("post_logprobs"))
+        try:
+            full = self._matrix(rows.column("full_logprobs"))
+            post = self._matrix(self._rows("post", post_loc).column("post_logprobs"))
+        except (pa.ArrowException, OSError) as exc:
+            raise PactError(f"example {example_id}: stored targets are unreadable ({' '.join(str(exc).split())[:200]})") from None
         if self.check_finite and not (np.all(np.isfinite(full)) and np.all(np.isfinite(post))):
             raise PactError(f"example {example_id}: stored targets contain NaN or inf (corrupted part?)")
         return ExampleTargets(

@@ -53,7 +53,7 @@ def sql_command(store_dir: str, sql: str, fmt: str) -> None:
 
     Views: safety_tokens, targets, post_targets, confidences (example_id, step,
     context 'full'|'post', token_id, token, logprob, prob), metrics, evals.
-    Only SELECT (and EXPLAIN) statements run; the store cannot be changed.
+    Only SELECT statements run (EXPLAIN ANALYZE would execute its statement, so it is refused too); the store cannot be changed.
     """
     columns, rows = query(Store(store_dir), sql)
     if fmt == "table":

@@ -1,0 +1,310 @@
+"""Shared helpers of the benchmark scripts.
+
+- `alternate`: time several candidates in alternated rounds (A B, B A, A B, ...) so a
+  load change on the machine hits all of them alike; `summarize` gives median/max.
+- `peak_rss_mb`: peak resident memory of a snippet run in a fresh subprocess.
+- `synthetic_store`: a store written with the real writer (`store.targets.TargetWriter`),
+  random log-probs, response lengths drawn uniformly in [1, max_steps].
+- `machine`, `markdown_table`, `write_json`, `base_parser`: what every script prints/writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from store.manifest import Store
+from store.safety import TOKENS_SCHEMA, safety_set_from_vector, save_safety_set
+from store.targets import TargetWriter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+# -- timing ---------------------------------------------------------------------------
+
+
+def alternate(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Call every candidate once per round; even rounds in the given order, odd rounds reversed.
+
+    Returns seconds per call: {name: [round 0, round 1, ...]}.
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    names = list(candidates)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            candidates[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def summarize(seconds: list[float]) -> dict[str, Any]:
+    """Median, min and max of repeated timings (seconds), plus the raw list."""
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "runs": len(seconds),
+        "all_s": [round(s, 6) for s in seconds],
+    }
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+_MARKER = "__VMHWM_KIB__"
+_RSS_PROBE = """
+import sys
+exec(compile(sys.argv[1], "<bench snippet>", "exec"), {"__name__": "__bench__"})
+with open("/proc/self/status") as status:
+    print("\\n__VMHWM_KIB__", next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def peak_rss_mb(code: str, *, timeout_s: float = 600.0) -> float:
+    """Peak resident set size (MiB) of the snippet `code` run in a fresh Python process
+    started from the repo root.
+
+    Read from the child's own `/proc/self/status` (VmHWM, Linux) once the snippet is
+    done: the high-water mark of the process image after exec, so neither the parent's
+    memory (shared before exec) nor other processes count. A failing snippet raises
+    RuntimeError with the last line of its stderr.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, code], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["(no stderr)"]
+        raise RuntimeError(f"peak-RSS probe failed (exit {done.returncode}): {lines[-1]}")
+    found = re.findall(rf"^{_MARKER} (\d+)$", done.stdout, flags=re.MULTILINE)
+    if not found:
+        raise RuntimeError("peak-RSS probe printed no VmHWM (not Linux?)")
+    return int(found[-1]) / 1024.0
+
+
+# -- synthetic stores -------------------------------------------------------------------
+
+VOCAB_SIZE = 32000
+
+
+@dataclass
+class StoreStats:
+    """What writing a synthetic store cost: sizes in bytes, time in seconds (writer calls only)."""
+
+    examples: int
+    steps: int
+    targets_bytes: int
+    post_bytes: int
+    write_s: float
+    lengths: dict[str, int]  # example_id -> response steps
+
+    @property
+    def total_bytes(self) -> int:
+        return self.targets_bytes + self.post_bytes
+
+
+def write_safety_tokens(store: Store, num_safety: int, seed: int = 0) -> np.ndarray:
+    """Save a random safety set of `num_safety` ids in a 32k vocabulary; return the ids [S]."""
+    rng = np.random.default_rng(seed)
+    vector = np.zeros(VOCAB_SIZE, np.float32)
+    ids = np.sort(rng.choice(np.arange(1, VOCAB_SIZE), num_safety, replace=False))
+    vector[ids] = rng.standard_normal(num_safety).astype(np.float32) + 1e-3
+    safety = safety_set_from_vector(vector)
+    values = vector[safety.token_ids].astype(float)
+    table = pa.table(
+        {
+            "token_id": safety.token_ids,
+            "idx": np.arange(safety.size, dtype=np.int32),
+            "token": [f"tok{i}" for i in safety.token_ids.tolist()],
+            "aligned_prob": rng.random(safety.size),
+            "base_prob": rng.random(safety.size),
+            "score": values,
+            "value": values,
+            "weight": safety.weights.astype(float),
+            "rank": (np.argsort(np.argsort(-values)) + 1).astype(np.int32),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+    save_safety_set(store, safety, table, {"aligned_model": "synthetic"})
+    return safety.token_ids
+
+
+def _logprobs(rng: np.random.Generator, steps: int, num_safety: int) -> np.ndarray:
+    """Full-vocabulary log-probs of S [steps, S]: a softmax over S times a random in-S mass."""
+    logits = rng.normal(0.0, 3.0, (steps, num_safety))
+    top = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    return (log_softmax + np.log(rng.uniform(0.01, 1.0, (steps, 1)))).astype(np.float32)
+
+
+def synthetic_store(
+    root: str | os.PathLike,
+    *,
+    num_safety: int = 50,
+    examples: int | None = None,
+    min_steps_total: int | None = None,
+    max_steps: int = 64,
+    value_dtype: str = "float32",
+    seed: int = 0,
+    perturb: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> StoreStats:
+    """Write a store of random targets with the real writer; one distinct response per example.
+
+    Give `examples` (a count) or `min_steps_total` (add examples until the response steps
+    reach it). Response lengths are uniform in [1, max_steps]. The same `seed` gives the
+    same example ids, hashes and lengths; `perturb` > 0 adds N(0, perturb) noise to the
+    log-probs (capped at 0), i.e. a second "run" over the same examples.
+    """
+    if (examples is None) == (min_steps_total is None):
+        raise ValueError("give exactly one of examples / min_steps_total")
+    store = Store(root)
+    write_safety_tokens(store, num_safety, seed)
+    rng = np.random.default_rng(seed)
+    noise = np.random.default_rng(seed + 1_000_003)
+    writer = TargetWriter(store, num_safety, value_dtype=value_dtype)
+    write_s = 0.0
+    count = steps_total = 0
+    lengths: dict[str, int] = {}
+    while (count < examples) if examples is not None else (steps_total < min_steps_total):
+        steps = int(rng.integers(1, max_steps + 1))
+        example_id, token_hash, response_hash = (rng.bytes(8).hex() for _ in range(3))
+        token_ids = rng.integers(0, VOCAB_SIZE, steps).astype(np.int64)
+        token_logprobs = -rng.exponential(1.0, steps).astype(np.float32)
+        entropy = rng.uniform(0.0, 5.0, steps).astype(np.float32)
+        full = _logprobs(rng, steps, num_safety)
+        post = _logprobs(rng, steps, num_safety)
+        if perturb > 0:
+            full = np.minimum(full + noise.normal(0, perturb, full.shape), 0).astype(np.float32)
+            post = np.minimum(post + noise.normal(0, perturb, post.shape), 0).astype(np.float32)
+        start = time.perf_counter()
+        writer.add_post(response_hash, post)
+        writer.add_example(example_id, token_hash, response_hash, token_ids, token_logprobs, entropy, full)
+        write_s += time.perf_counter() - start
+        count += 1
+        steps_total += steps
+        lengths[example_id] = steps
+        if progress is not None:
+            progress(1)
+    start = time.perf_counter()
+    writer.close()
+    write_s += time.perf_counter() - start
+    sizes = {"targets": 0, "post": 0}
+    for part in store.read_manifest()["parts"]:
+        sizes[part["kind"]] += part["bytes"]
+    return StoreStats(count, steps_total, sizes["targets"], sizes["post"], write_s, lengths)
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The machine and library versions a result was measured with."""
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_total_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_total_gib = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    versions = {}
+    for package in ("numpy", "pyarrow", "duckdb", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu_model": cpu_model,
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_total_gib": mem_total_gib,
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (pipes aligned), ready to paste into docs/benchmarks.md."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write `payload` as indented JSON to `path` (parents created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script has: --quick, --out, --repeats, --workdir, --seed."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test); numbers mean nothing")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR / f"{name.removeprefix('bench_')}.json",
+        help="where to write the JSON results (default: %(default)s)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="alternated rounds per measurement (>= 1)")
+    parser.add_argument("--workdir", type=Path, default=None, help="empty directory to build the synthetic stores in, kept afterwards (default: a temporary directory, deleted at the end)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
+    return parser
+
+
+def check_workdir(parser: argparse.ArgumentParser, workdir: Path | None) -> None:
+    """Refuse a --workdir that holds files: the stores are built from scratch there (and kept)."""
+    if workdir is None:
+        return
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        parser.error(f"--workdir {workdir} is not an empty directory; give a new or empty one")
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    """A number with `digits` significant digits, thousands separated when large."""
+    if value >= 10 ** digits:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"

@@ -1,0 +1,21 @@
+"""Stage 2: the PACT loss (pure functions) and the training loop behind `pact train`."""
+
+from trainer.loss import (
+    PactConfig,
+    constrained_sft_loss,
+    pact_kl,
+    pact_kl_terms,
+    response_cross_entropy,
+)
+from trainer.train import TrainConfig, TrainResult, train
+
+__all__ = [
+    "PactConfig",
+    "TrainConfig",
+    "TrainResult",
+    "constrained_sft_loss",
+    "pact_kl",
+    "pact_kl_terms",
+    "response_cross_entropy",
+    "train",
+]

@@ -1,0 +1,728 @@
+"""Stage 2, `pact train`: fine-tune with PACT, plain SFT or constrained SFT.
+
+One loop, read top to bottom in `train()`:
+
+    check options -> data, tokenizer, store, safety set -> encode the data
+    -> (cached) check the store's record and every example's targets
+    -> load the model (+ LoRA) -> (online) the reference -> AdamW + schedule
+    -> (--resume) restore the newest checkpoint
+    -> for each optimizer step: grad_accum micro-batches of
+           forward -> batch_loss -> (loss / micro-batches).backward()
+       clip, step, schedule, metrics, checkpoint every --save-every
+    -> RUN/model (full FT) or RUN/adapter (+ RUN/model with --merge), metrics
+
+PACT loss per micro-batch (DESIGN "Stage 2"): CE(response) + λ · token mean of KL_t.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from pipeline import models
+from pipeline.data import FORMATS, load_examples
+from pipeline.encoding import (
+    Encoded,
+    EncodingOptions,
+    assistant_header_ids,
+    encode_example,
+    encoding_fingerprints,
+)
+from store.atomic import atomic_write_bytes, atomic_write_with
+from store.errors import PactError
+from store.manifest import Store
+from store.safety import SafetySet, load_safety_set
+from store.tables import METRICS_SCHEMA, write_table
+from store.targets import TargetReader
+from trainer import checkpoint
+from trainer.batches import (
+    Batch,
+    cached_batch,
+    collate,
+    epoch_batches,
+    response_token_logprobs,
+    student_subset,
+)
+from trainer.checkpoint import TrainerState
+from trainer.loss import PactConfig, constrained_sft_loss, pact_kl_terms, response_cross_entropy
+from trainer.reference import OnlineReference
+from trainer.validate import (
+    check_examples,
+    check_reference,
+    check_vocabulary,
+    encoding_options_for,
+    reference_entry,
+)
+
+METHODS = ("pact", "sft", "constrained-sft")
+REFERENCE_MODES = ("cached", "online")
+FINETUNE_MODES = ("lora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_KL_WEIGHT = 1.0
+DEFAULT_MAX_LENGTH = 1024
+# Options that may differ when resuming: they do not change the steps already taken.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `pact train` (CLI flag names in brackets where they differ)."""
+
+    model: str  # local directory of the model to fine-tune (also the reference)
+    data: str  # training data: JSON, JSONL or Parquet
+    out: str  # run directory
+    store: str | None = None  # pact store (targets, safety set); optional for sft
+    method: str = "pact"  # pact | sft | constrained-sft
+    reference: str = "cached"  # cached | online
+    kl_weight: float = DEFAULT_KL_WEIGHT  # λ [--lambda]
+    pact: PactConfig = field(default_factory=PactConfig)  # gate and KL temperature
+    data_format: str | None = None  # [--format] detected from the first row when None
+    max_length: int | None = None  # None: the store's, else 1024
+    finetune: str = "lora"  # lora | full
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    merge: bool = False  # LoRA: also write the merged model to RUN/model
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after the linear warmup)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 500  # optimizer steps between checkpoints; 0 = none
+    resume: bool = False
+    device: str = "auto"
+    run_id: str | None = None  # name in the store's metrics table; default: RUN's folder name
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    run_dir: Path
+    run_id: str
+    steps: int  # optimizer steps done in total
+    metrics: list[dict[str, Any]]  # one row per optimizer step (METRICS_SCHEMA)
+    model_dir: Path | None  # transformers-loadable model (full FT, or LoRA with merge)
+    adapter_dir: Path | None  # peft adapter (LoRA)
+
+
+@dataclass
+class StepLoss:
+    """One micro-batch: `loss` carries the gradient; the rest are floats for logging."""
+
+    loss: Tensor
+    ce: float
+    kl: float | None
+    gate_mean: float | None
+
+
+@dataclass
+class StepTotals:
+    """Sums over the micro-batches of one optimizer step, for the metrics row."""
+
+    loss: float = 0.0
+    ce: float = 0.0
+    kl: float = 0.0
+    gate_mean: float = 0.0
+    tokens: int = 0
+
+    def add(self, terms: StepLoss, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.ce += terms.ce
+        self.kl += terms.kl or 0.0
+        self.gate_mean += terms.gate_mean or 0.0
+        self.tokens += tokens
+
+    def row(self, micro_batches: int, *, pact: bool) -> dict[str, float | None]:
+        """Means over the micro-batches; kl and gate_mean only for PACT."""
+        return {
+            "loss": self.loss / micro_batches,
+            "ce": self.ce / micro_batches,
+            "kl": self.kl / micro_batches if pact else None,
+            "gate_mean": self.gate_mean / micro_batches if pact else None,
+        }
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _positive_int(value: Any, flag: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PactError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(
+    value: Any, flag: str, *, minimum: float, inclusive: bool = True, below: float | None = None
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = (
+        ok
+        and (value >= minimum if inclusive else value > minimum)
+        and (below is None or value < below)
+    )
+    if not ok:
+        bound = f"{'>=' if inclusive else '>'} {minimum:g}" + (
+            f" and < {below:g}" if below is not None else ""
+        )
+        raise PactError(f"{flag} must be a finite number {bound}, got {value!r}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """One clear PactError for any option, or combination of options, that makes no sense."""
+    for value, choices, flag in (
+        (config.method, METHODS, "--method"),
+        (config.reference, REFERENCE_MODES, "--reference"),
+        (config.finetune, FINETUNE_MODES, "--finetune"),
+        (config.schedule, SCHEDULES, "--schedule"),
+    ):
+        if value not in choices:
+            raise PactError(f"unknown {flag} {value!r}; expected one of {', '.join(choices)}")
+    if config.data_format is not None and config.data_format not in FORMATS:
+        raise PactError(
+            f"unknown --format {config.data_format!r}; expected one of {', '.join(FORMATS)}"
+        )
+    _number(config.kl_weight, "--lambda", minimum=0.0)
+    if config.method != "pact" and config.kl_weight != DEFAULT_KL_WEIGHT:
+        raise PactError(
+            f"--lambda weighs the PACT KL; it has no effect with --method {config.method}"
+        )
+    if config.method == "sft" and config.reference == "online":
+        raise PactError(
+            "--method sft uses no reference model; --reference online makes no sense with it"
+        )
+    if config.method != "sft" and config.store is None and config.reference == "cached":
+        raise PactError(
+            f"--method {config.method} with --reference cached needs --store (the targets of pact precompute); "
+            "or use --reference online"
+        )
+    if config.method == "pact" and config.store is None:
+        raise PactError("--method pact needs --store for the safety-token set (pact tokens)")
+    if config.merge and config.finetune != "lora":
+        raise PactError("--merge applies to LoRA only; full fine-tuning already writes RUN/model")
+    if config.max_length is not None:
+        _positive_int(config.max_length, "--max-length", 2)
+    _positive_int(config.lora_r, "--lora-r")
+    _number(config.lora_alpha, "--lora-alpha", minimum=0.0, inclusive=False)
+    _number(config.lora_dropout, "--lora-dropout", minimum=0.0, below=1.0)
+    if not config.lora_targets or not all(
+        isinstance(t, str) and t.strip() for t in config.lora_targets
+    ):
+        raise PactError(
+            f"--lora-targets must name at least one module, got {config.lora_targets!r}"
+        )
+    _positive_int(config.epochs, "--epochs")
+    if config.max_steps is not None:
+        _positive_int(config.max_steps, "--max-steps")
+    _positive_int(config.batch_size, "--batch-size")
+    _positive_int(config.grad_accum, "--grad-accum")
+    _number(config.lr, "--lr", minimum=0.0, inclusive=False)
+    _number(config.weight_decay, "--weight-decay", minimum=0.0)
+    _positive_int(config.warmup_steps, "--warmup-steps", 0)
+    _number(config.max_grad_norm, "--max-grad-norm", minimum=0.0)
+    _positive_int(config.save_every, "--save-every", 0)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+        raise PactError(f"--seed must be an integer, got {config.seed!r}")
+    if not isinstance(config.pact, PactConfig):
+        raise PactError("TrainConfig.pact must be a trainer.loss.PactConfig")
+
+
+def pact_config(**values: Any) -> PactConfig:
+    """PactConfig from user values; its ValueError becomes a one-line PactError."""
+    try:
+        return PactConfig(**values)
+    except ValueError as exc:
+        raise PactError(f"invalid PACT option: {exc}") from None
+
+
+def default_run_id(out: str | Path) -> str:
+    """The run directory's name, reduced to the characters a table name allows."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(out).resolve().name).lstrip("._-")
+    return name or "run"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _compute_dtype(device: str) -> str:
+    """bf16 on CUDA, fp32 on CPU: the autocast dtype and that of frozen weights."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def _weights_dtype(finetune: str, device: str) -> str:
+    """fp32 master weights for full FT; the frozen LoRA base in the compute dtype."""
+    return _compute_dtype(device) if finetune == "lora" else "float32"
+
+
+def _autocast_factory(device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.startswith("cuda"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def load_student(config: TrainConfig, device: str) -> Any:
+    """The model to fine-tune: full (all weights trainable) or wrapped with LoRA adapters."""
+    model = models.load_model(
+        config.model, dtype=_weights_dtype(config.finetune, device), device=device
+    )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if config.finetune == "full":
+        return model.train()
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise PactError(
+            f"--lora-targets {','.join(config.lora_targets)}: {str(exc).splitlines()[0]}"
+        ) from None
+    return model.train()
+
+
+def _vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def batch_loss(
+    model: Any,
+    batch: Batch,
+    *,
+    method: str,
+    kl_weight: float,
+    pact: PactConfig,
+    safety_ids: Tensor | None,
+    weights: Tensor | None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> StepLoss:
+    """Forward `batch` through `model` and return its loss (token means over the batch).
+
+    pact: CE + kl_weight · pact_kl; sft: CE; constrained-sft: the Qi et al. loss on the
+    response token log-probs. `batch.reference` must hold the reference targets for
+    pact and constrained-sft.
+    """
+    with autocast():
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).logits
+    if method == "constrained-sft":
+        student = response_token_logprobs(
+            logits, batch.input_ids, batch.response_start, batch.step_mask
+        )
+        loss = constrained_sft_loss(student, batch.reference.token_logprobs, batch.step_mask)
+        ce = -(student.detach() * batch.step_mask).sum() / batch.step_mask.sum()
+        return StepLoss(loss, float(ce), None, None)
+    ce = response_cross_entropy(logits, batch.labels)
+    if method == "sft":
+        return StepLoss(ce, float(ce.detach()), None, None)
+    u = student_subset(logits, batch.response_start, batch.num_steps, safety_ids)
+    terms = pact_kl_terms(
+        u, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact
+    )
+    gate_mean = terms.gate.sum() / batch.step_mask.sum()
+    return StepLoss(
+        ce + kl_weight * terms.kl, float(ce.detach()), float(terms.kl.detach()), float(gate_mean)
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over `warmup_steps`, then cosine / linear decay to 0 at
+    `total_steps`, or constant (the transformers schedules)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, device: str) -> Iterator[None]:
+    """Seed python, numpy and torch; on CPU also deterministic kernels (restored on exit)."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    _seed_everything(seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _write_metrics(
+    run_dir: Path, store: Store | None, run_id: str, rows: list[dict[str, Any]]
+) -> None:
+    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+    atomic_write_with(run_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+    if store is not None:
+        write_table(store, "metrics", run_id, table)
+
+
+def _check_resume(record: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
+    """The checkpoint was written by the same run (options, model and data)."""
+    for key, value in sorted(record["options"].items()):
+        if key not in RESUMABLE_CHANGES and saved["options"].get(key) != value:
+            raise PactError(
+                f"--resume: option {key} is {value!r} but {path.name} was trained with "
+                f"{saved['options'].get(key)!r}; keep the options or choose another --out"
+            )
+    for key in ("model", "data"):
+        if saved["fingerprints"].get(key) != record["fingerprints"][key]:
+            raise PactError(
+                f"--resume: the {key} changed since {path.name} was written (fingerprint differs)"
+            )
+
+
+def _data_fingerprint(encoded: list) -> str:
+    digest = hashlib.sha256()
+    for example in encoded:
+        digest.update(f"{example.example_id}\0{example.token_hash}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _save_pretrained(directory: Path, model: Any, tokenizer: Any) -> None:
+    with checkpoint.atomic_directory(directory) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
+def save_outputs(
+    config: TrainConfig, model: Any, tokenizer: Any, run_dir: Path
+) -> tuple[Path | None, Path | None]:
+    """RUN/model (full FT; LoRA with merge) and RUN/adapter (LoRA); returns (model_dir, adapter_dir)."""
+    model.eval()
+    if config.finetune == "full":
+        _save_pretrained(run_dir / "model", model, tokenizer)
+        return run_dir / "model", None
+    _save_pretrained(run_dir / "adapter", model, tokenizer)
+    if not config.merge:
+        return None, run_dir / "adapter"
+    _save_pretrained(run_dir / "model", model.merge_and_unload(), tokenizer)
+    return run_dir / "model", run_dir / "adapter"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RunInputs:
+    """Everything a run reads before it loads the model, validated."""
+
+    tokenizer: Any
+    encoded: list[Encoded]
+    options: EncodingOptions
+    model_fingerprint: str
+    store: Store | None
+    reference_entry: dict[str, Any] | None  # the store's record of how its targets were made
+    safety: SafetySet | None  # pact only
+    reader: TargetReader | None  # cached targets (pact / constrained-sft with --reference cached)
+
+
+def prepare_inputs(config: TrainConfig) -> RunInputs:
+    """Data, tokenizer, store and safety set; with cached targets every check of the
+    store against this run passes here, before any model is loaded."""
+    examples = load_examples(config.data, config.data_format).examples
+    model_fingerprint = models.model_fingerprint(config.model)
+    tokenizer = models.load_tokenizer(config.model)
+    use_targets = config.method != "sft" and config.reference == "cached"
+    store = Store(config.store) if config.store is not None else None
+    entry = safety = None
+    if store is not None:
+        manifest = store.require()
+        entry = reference_entry(manifest, store.root) if use_targets else manifest.get("reference")
+    if config.method == "pact":
+        safety = load_safety_set(store)
+        if not np.any(safety.weights > 0):
+            raise PactError(
+                f"the safety-token set of {store.root} has only zero weights: the PACT target is undefined"
+            )
+    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH)
+    if use_targets:
+        check_reference(entry, tokenizer, options, safety, model_fingerprint, config.model)
+    elif entry is not None and safety is not None:
+        check_vocabulary(entry, tokenizer)  # online PACT: the safety ids must name the same tokens
+    encoded = [
+        encode_example(tokenizer, example, options)
+        for example in tqdm(examples, desc="encode", unit="ex", file=sys.stderr, leave=False)
+    ]
+    reader = None
+    if use_targets:
+        reader = TargetReader(store)
+        check_examples(encoded, reader)
+    return RunInputs(tokenizer, encoded, options, model_fingerprint, store, entry, safety, reader)
+
+
+def _run_record(
+    config: TrainConfig, inputs: RunInputs, run_id: str, steps_per_epoch: int, total_steps: int
+) -> dict[str, Any]:
+    """RUN/config.json: every option (paths absolute), fingerprints, versions."""
+    options = dataclasses.asdict(config)
+    for key in ("model", "data", "out", "store"):
+        if options[key] is not None:
+            options[key] = str(Path(options[key]).resolve())
+    record = {
+        "options": options,
+        "run_id": run_id,
+        "store": options["store"],
+        "fingerprints": {
+            "model": inputs.model_fingerprint,
+            "data": _data_fingerprint(inputs.encoded),
+            "safety_tokens": None if inputs.safety is None else inputs.safety.fingerprint,
+            "store_reference": inputs.reference_entry,
+            **encoding_fingerprints(inputs.tokenizer, inputs.options),
+        },
+        "num_examples": len(inputs.encoded),
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "versions": {p: _version(p) for p in ("pact", "torch", "transformers", "peft")},
+    }
+    return json.loads(json.dumps(record))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md."""
+    check_config(config)
+    run_dir = Path(config.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PactError(f"--out {run_dir} exists and is not a directory")
+    if not config.resume and (run_dir / "config.json").exists():
+        raise PactError(
+            f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"
+        )
+    resume_from = checkpoint.latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and resume_from is None:
+        raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    device = models.resolve_device(config.device)
+    with _deterministic(config.seed, device):
+        return _train(config, run_dir, resume_from, device)
+
+
+def _train(
+    config: TrainConfig, run_dir: Path, resume_from: Path | None, device: str
+) -> TrainResult:
+    inputs = prepare_inputs(config)
+    tokenizer, encoded, store = inputs.tokenizer, inputs.encoded, inputs.store
+    run_id = config.run_id or default_run_id(run_dir)
+
+    # The model being trained and, online, the reference.
+    model = load_student(config, device)
+    autocast = _autocast_factory(device)
+    safety_ids = weights = None
+    if inputs.safety is not None:
+        top_id, vocab = int(inputs.safety.token_ids.max()), _vocab_size(model)
+        if top_id >= vocab:
+            raise PactError(
+                f"safety token id {top_id} is outside the model's vocabulary of {vocab}"
+            )
+        safety_ids = torch.as_tensor(inputs.safety.token_ids, device=device)
+        weights = torch.as_tensor(inputs.safety.weights, device=device)
+    online = None
+    if config.method != "sft" and config.reference == "online":
+        lora = config.finetune == "lora"
+        if lora:
+            reference = model  # adapters disabled for the reference pass
+        else:
+            reference = models.load_model(
+                config.model, dtype=_compute_dtype(device), device=device
+            ).requires_grad_(False)
+        online = OnlineReference(
+            reference,
+            assistant_header_ids(tokenizer),
+            safety_ids,
+            tokenizer.pad_token_id,
+            adapters_disabled=lora,
+            autocast=autocast,
+        )
+
+    # Optimizer and schedule over the optimizer steps of the whole run.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(encoded) / config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
+
+    # Fresh start or resume from the newest complete checkpoint, exactly where it stopped.
+    record = _run_record(config, inputs, run_id, steps_per_epoch, total_steps)
+    checkpoint.remove_stale_directories(run_dir / checkpoint.CHECKPOINTS_DIR)
+    checkpoint.remove_stale_directories(run_dir)
+    state = TrainerState()
+    if resume_from is not None:
+        _check_resume(record, checkpoint.read_checkpoint_config(resume_from), resume_from)
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
+    else:
+        _seed_everything(config.seed)  # the same dropout stream whatever was loaded above
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(
+        run_dir / "config.json", json.dumps(record, indent=1, sort_keys=True).encode()
+    )
+
+    def stop(reason: str) -> PactError:
+        _write_metrics(run_dir, store, run_id, state.metrics)
+        last = checkpoint.latest_checkpoint(run_dir)
+        kept = (
+            f"the last checkpoint {last} is intact (--resume continues from it)"
+            if last
+            else "no checkpoint was written"
+        )
+        return PactError(f"{reason}; training stopped, {kept}")
+
+    with tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=f"train {config.method}",
+        unit="step",
+        file=sys.stderr,
+    ) as progress:
+        started = time.perf_counter() - state.elapsed_s
+        batches, batches_epoch = [], None
+        while state.step < total_steps:
+            if batches_epoch != state.epoch:
+                batches, batches_epoch = (
+                    epoch_batches(len(encoded), config.batch_size, config.seed, state.epoch),
+                    state.epoch,
+                )
+            group = batches[state.batch_index : state.batch_index + config.grad_accum]
+            step_started = time.perf_counter()
+
+            # grad_accum micro-batches: each loss is a token mean of its micro-batch, divided by their count.
+            totals = StepTotals()
+            for micro, indices in enumerate(group):
+                chosen = [encoded[i] for i in indices]
+                if inputs.reader is not None:
+                    batch = cached_batch(chosen, tokenizer.pad_token_id, inputs.reader).to(device)
+                else:
+                    batch = collate(chosen, tokenizer.pad_token_id).to(device)
+                if online is not None:
+                    batch.reference = online.targets(batch)
+                terms = batch_loss(
+                    model, batch, method=config.method, kl_weight=config.kl_weight,
+                    pact=config.pact, safety_ids=safety_ids, weights=weights, autocast=autocast,
+                )  # fmt: skip
+                value = float(terms.loss.detach())
+                if not math.isfinite(value):
+                    where = f"epoch {state.epoch}, batch {state.batch_index + micro}, examples {', '.join(batch.example_ids[:3])}"
+                    raise stop(f"the loss is {value} at step {state.step + 1} ({where})")
+                (terms.loss / len(group)).backward()
+                totals.add(terms, value, batch.num_tokens)
+
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            )
+            if not math.isfinite(grad_norm):
+                raise stop(
+                    f"the gradient norm is {grad_norm} at step {state.step + 1} (epoch {state.epoch})"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            epoch = state.epoch
+            state.step += 1
+            state.batch_index += len(group)
+            if state.batch_index >= len(batches):
+                state.epoch, state.batch_index = state.epoch + 1, 0
+            now = time.perf_counter()
+            state.elapsed_s = now - started
+            row = totals.row(len(group), pact=config.method == "pact") | {
+                "run_id": run_id,
+                "method": config.method,
+                "step": state.step,
+                "epoch": epoch,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": totals.tokens / max(now - step_started, 1e-9),
+                "peak_memory_mb": _peak_memory_mb(device),
+                "time": state.elapsed_s,
+            }
+            state.metrics.append(row)
+            progress.set_postfix(
+                {k: f"{row[k]:.4g}" for k in ("loss", "ce", "kl", "lr") if row[k] is not None},
+                refresh=False,
+            )
+            progress.update(1)
+            if config.save_every and (
+                state.step % config.save_every == 0 or state.step == total_steps
+            ):
+                checkpoint.save_checkpoint(run_dir, state, model, optimizer, scheduler, record)
+                _write_metrics(run_dir, store, run_id, state.metrics)
+
+    model_dir, adapter_dir = save_outputs(config, model, tokenizer, run_dir)
+    _write_metrics(run_dir, store, run_id, state.metrics)
+    return TrainResult(run_dir, run_id, state.step, state.metrics, model_dir, adapter_dir)
