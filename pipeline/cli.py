@@ -1,23 +1,45 @@
-"""The `pact` command line: parse options, call the library, print one clear line on error."""
+"""The `pact` command line: parse options, call the library, print one clear line on error.
+
+Commands are imported only when used, so `pact data` and `pact sql` start without
+loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from pipeline.commands.data import data_command
-from pipeline.commands.demo import demo_command
-from pipeline.commands.eval import eval_command
-from pipeline.commands.plot import plot_command
-from pipeline.commands.precompute import precompute_command
-from pipeline.commands.sql import sql_command
-from pipeline.commands.tokens import tokens_command
-from pipeline.commands.train import train_command
 from store.errors import PactError
 
+COMMANDS = {
+    "data": "pipeline.commands.data:data_command",
+    "tokens": "pipeline.commands.tokens:tokens_command",
+    "precompute": "pipeline.commands.precompute:precompute_command",
+    "train": "pipeline.commands.train:train_command",
+    "eval": "pipeline.commands.eval:eval_command",
+    "plot": "pipeline.commands.plot:plot_command",
+    "sql": "pipeline.commands.sql:sql_command",
+    "demo": "pipeline.commands.demo:demo_command",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="pact")
 def cli() -> None:
     """pact: fine-tune aligned language models without losing their safety alignment (PACT).
@@ -25,18 +47,9 @@ def cli() -> None:
     Stage 0 `pact tokens` finds the safety tokens, stage 1 `pact precompute` runs the
     aligned model once and caches its safety-token statistics in a store, stage 2
     `pact train` fine-tunes against that cache without the reference model in memory.
-    `pact sql` queries the store with DuckDB.
+    `pact eval` measures refusals, over-refusal, task accuracy and drift; `pact sql`
+    queries the store with DuckDB; `pact demo` runs the whole story on tiny models.
     """
-
-
-cli.add_command(data_command)
-cli.add_command(sql_command)
-cli.add_command(tokens_command)
-cli.add_command(precompute_command)
-cli.add_command(train_command)
-cli.add_command(eval_command)
-cli.add_command(plot_command)
-cli.add_command(demo_command)
 
 
 def main() -> None:
