@@ -31,8 +31,11 @@ METRICS_SCHEMA = pa.schema(
         ("tokens_per_s", pa.float64()),
         ("peak_memory_mb", pa.float64()),
         ("time", pa.float64()),
+        ("probe_kl", pa.float64()),  # `pact train --probe-every`: mean drift KL, NULL between probes
+        ("probe_mass", pa.float64()),  # ... and mean safety-token mass
     ]
 )
+OPTIONAL_COLUMNS = {"probe_kl", "probe_mass"}
 
 EVALS_SCHEMA = pa.schema(
     [
@@ -58,8 +61,11 @@ def write_table(store: Store, kind: str, name: str, table: pa.Table) -> str:
         raise PactError(f"unknown table kind {kind!r}; expected one of {sorted(SCHEMAS)}")
     if not _NAME.match(name):
         raise PactError(f"table name {name!r} must be letters, digits, '.', '_' or '-'")
+    schema = SCHEMAS[kind]
+    for column in sorted(OPTIONAL_COLUMNS & set(schema.names) - set(table.column_names)):
+        table = table.append_column(column, pa.nulls(table.num_rows, schema.field(column).type))
     try:
-        table = table.select(SCHEMAS[kind].names).cast(SCHEMAS[kind])
+        table = table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid) as exc:
         raise PactError(f"{kind} table does not match its schema: {exc}") from None
     relative = f"{kind}/{name}.parquet"

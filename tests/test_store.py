@@ -233,3 +233,28 @@ def test_sql_cannot_read_outside_the_store(tmp_path):
         query(store, f"SELECT * FROM read_csv('{secret}')")
     with pytest.raises(PactError, match="SQL error"):
         query(store, "SELECT * FROM no_such_view")
+
+
+def test_metrics_without_optional_probe_columns_get_nulls(tmp_path):
+    store = Store(tmp_path / "s")
+    make_safety(store)
+    required = [n for n in METRICS_SCHEMA.names if n not in ("probe_kl", "probe_mass")]
+    row = {n: 2 for n in required} | {"run_id": "r", "method": "sft"}
+    assert write_table(store, "metrics", "r", pa.Table.from_pylist([row])) == "metrics/r.parquet"
+    assert query(store, "SELECT step, probe_kl, probe_mass FROM metrics")[1] == [(2, None, None)]
+    with pytest.raises(PactError, match="metrics table does not match its schema"):
+        write_table(store, "metrics", "bad", pa.Table.from_pylist([{"run_id": "r"}]))
+
+
+def test_reader_memory_budget_bounds_the_cache(tmp_path, monkeypatch):
+    import store.targets as targets
+
+    monkeypatch.setattr(targets, "ROW_GROUP_ROWS", 4)
+    store = Store(tmp_path / "s")
+    make_safety(store)
+    written = fill(store, count=20, per_part=10)
+    reader = TargetReader(store, memory_budget_mb=1e-6)
+    for example_id in reversed(list(written)):
+        got = reader.get(example_id)
+        np.testing.assert_array_equal(got.full_logprobs, written[example_id]["full_logprobs"])
+        assert len(reader._groups) == 1
