@@ -124,8 +124,10 @@ def _reject_constant(name: str) -> Any:
 
 def _constant_line(text: str) -> int | str:
     """Line of the first bare NaN/Infinity (json reports no position for those)."""
-    match = re.search(r"[:\[,]\s*(-?Infinity|NaN)\b", text)
-    return text.count("\n", 0, match.start(1)) + 1 if match else "?"
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)\b', text):
+        if match.group(1):
+            return text.count("\n", 0, match.start(1)) + 1
+    return "?"
 
 
 def _short(exc: Exception) -> str:

@@ -15,7 +15,7 @@ from store.errors import PactError
 from store.manifest import Store
 from store.safety import TOKENS_FILE, TOKENS_SCHEMA
 from store.tables import EVALS_SCHEMA, METRICS_SCHEMA
-from store.targets import post_schema, targets_schema
+from store.targets import check_part_schema, post_schema, targets_schema
 
 ALLOWED_STATEMENTS = {"SELECT"}
 
@@ -58,7 +58,10 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     root = store.root.resolve()
     parts = {"targets": [], "post": []}
     for entry in manifest["parts"]:
-        parts[entry["kind"]].append(str(store.resolve(entry["path"])))
+        path = store.resolve(entry["path"])
+        if path.is_file():
+            check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"))
+        parts[entry["kind"]].append(str(path))
     tokens = root / TOKENS_FILE
     views = {
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
@@ -81,7 +84,8 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
                CAST(p.post_logprobs[s.idx + 1] AS DOUBLE) AS logprob,
                exp(CAST(p.post_logprobs[s.idx + 1] AS DOUBLE)) AS prob
         FROM targets t
-        JOIN post_targets p ON p.response_hash = t.response_hash AND p.step = t.step
+        JOIN (SELECT DISTINCT ON (response_hash, step) * FROM post_targets) p
+          ON p.response_hash = t.response_hash AND p.step = t.step
         CROSS JOIN safety_tokens s
         """
     )

@@ -243,6 +243,26 @@ class TargetWriter:
         self.flush()
 
 
+def unreadable_part(path: Path, exc: BaseException) -> PactError:
+    reason = " ".join(str(exc).split())[:300]
+    return PactError(f"store part {path.name} is unreadable ({reason}); delete it and rerun `pact precompute`")
+
+
+def check_part_schema(path: Path, kind: str, num_safety: int | None) -> None:
+    """PactError unless the part at `path` has the columns and types of `kind` for |S| = num_safety."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_part(path, exc) from None
+    expected = targets_schema if kind == "targets" else post_schema
+    allowed = [expected(num_safety or 1, dtype) for dtype in VALUE_DTYPES]
+    if num_safety is None or not any(schema.equals(a) for a in allowed):
+        raise PactError(
+            f"store part {path.name} does not have the expected columns and types for "
+            f"{num_safety} safety tokens (corrupted or foreign part?)"
+        )
+
+
 @dataclass
 class _Location:
     part: int
@@ -287,21 +307,10 @@ class TargetReader:
 
     @staticmethod
     def _unreadable(path: Path, exc: BaseException) -> PactError:
-        reason = " ".join(str(exc).split())[:300]
-        return PactError(f"store part {path.name} is unreadable ({reason}); delete it and rerun `pact precompute`")
+        return unreadable_part(path, exc)
 
     def _check_schema(self, path: Path, expected: Any, num_safety: int | None) -> None:
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise self._unreadable(path, exc) from None
-        width = num_safety or 1
-        allowed = [expected(width, dtype) for dtype in VALUE_DTYPES]
-        if num_safety is None or not any(schema.equals(a) for a in allowed):
-            raise PactError(
-                f"store part {path.name} does not have the expected columns and types for "
-                f"{num_safety} safety tokens (corrupted or foreign part?)"
-            )
+        check_part_schema(path, "targets" if expected is targets_schema else "post", num_safety)
 
     def _index(self, path: Path, part: int, key: str, index: dict[str, _Location], what: str) -> None:
         try:
