@@ -132,10 +132,10 @@ def _bar_panel(ax: Any, rows: list[dict[str, Any]], reference: str | None, color
                 xs.append(g - 0.4 + width * (i + 0.5))
                 heights.append(values[(model, metric, dataset)])
         bars = ax.bar(xs, heights, width=width, label=model, color=colors[model])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.bar_label(bars, labels=[f"{h:.0%}" for h in heights], fontsize=6, rotation=90, padding=2)
     names = [m if len(datasets_per_metric[m]) == 1 else f"{m}\n[{d}]" for m, d in groups]
     ax.set_xticks(range(len(groups)), [n.replace("_", " ") for n in names], fontsize=8)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.25)
     ax.set_ylabel("rate")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -178,7 +178,7 @@ def plot_store(store_dir: str | os.PathLike, out: str | os.PathLike, run: str | 
         _bar_panel(axes[2], rows, reference, colors)
         if run_table is not None:
             _run_panel(axes[3], run_table, Path(run).resolve().name)
-        fig.suptitle(f"pact store {store.root.resolve().name}")
+        fig.suptitle(f"pact: evaluations in store {store.root.resolve()}", fontsize=10)
         fig.tight_layout()
         atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:

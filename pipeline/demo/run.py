@@ -28,9 +28,11 @@ SQL_QUERIES = (
         "round(base_prob, 4) AS base_prob FROM safety_tokens ORDER BY weight DESC, rank LIMIT 8",
     ),
     (
-        "Safety-token mass per response step on the held-out safety probe, per model",
-        "SELECT model, step, round(value, 3) AS safety_mass FROM evals "
-        "WHERE metric = 'safety_mass' AND step IS NOT NULL AND step < 4 ORDER BY step, model",
+        "Drift from the reference's safety-token distribution at the first response steps (nats)",
+        "SELECT model, round(avg(value) FILTER (WHERE step = 0), 3) AS step0, "
+        "round(avg(value) FILTER (WHERE step = 1), 3) AS step1, "
+        "round(avg(value) FILTER (WHERE step BETWEEN 2 AND 7), 3) AS steps2_7 "
+        "FROM evals WHERE metric = 'drift_kl' AND step IS NOT NULL GROUP BY model ORDER BY step0",
     ),
 )
 
