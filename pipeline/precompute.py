@@ -18,17 +18,24 @@ changed token hash drops the example's old rows (its parts are rewritten without
 them and swapped in the manifest in one update) and recomputes it; a changed
 reference (model, safety set, tokenizer, template, header, compute or value dtype)
 drops every part of the store and recomputes everything.
+
+Under torchrun (an initialised torch.distributed process group, see
+docs/distributed.md) each rank computes shard RANK/WORLD_SIZE into the same store;
+the ranks agree on every check before the first write and meet again before any
+stored rows are rewritten; at the end every rank checks that its examples are
+stored, and the summaries are merged on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.data import FORMATS, load_examples
@@ -112,15 +120,15 @@ class Shard:
 
 def torchrun_defaults(shard: str | None, device: str, environ: Mapping[str, str]) -> tuple[Shard, str]:
     """Shard and device for a run: an explicit --shard wins; under torchrun (RANK and
-    WORLD_SIZE set) the shard is RANK/WORLD_SIZE and --device auto becomes cuda:LOCAL_RANK
-    when CUDA is available; else shard 0/1."""
+    WORLD_SIZE set) the shard is RANK/WORLD_SIZE and --device auto or cuda becomes
+    cuda:LOCAL_RANK when CUDA is available; else shard 0/1."""
     if shard is not None:
         parsed = Shard.parse(shard)
     elif "RANK" in environ and "WORLD_SIZE" in environ:
         parsed = Shard.parse(f"{environ['RANK']}/{environ['WORLD_SIZE']}")
     else:
         parsed = Shard()
-    if device == "auto" and environ.get("LOCAL_RANK", "").isdigit() and torch.cuda.is_available():
+    if device in ("auto", "cuda") and environ.get("LOCAL_RANK", "").isdigit() and torch.cuda.is_available():
         device = f"cuda:{int(environ['LOCAL_RANK'])}"
     return parsed, device
 
@@ -186,14 +194,34 @@ class PrecomputeSummary:
     parts_written: int = 0
     seconds: float = 0.0
     dropped: list[str] = field(default_factory=list)  # invalid rows / unencodable examples skipped
+    computed_per_rank: list[int] = field(default_factory=list)  # merged runs: `computed` of each rank
+
+    @classmethod
+    def merge(cls, summaries: list[PrecomputeSummary]) -> PrecomputeSummary:
+        """The summary of a multi-rank run: counts summed, the slowest rank's time."""
+        merged = cls(
+            reference_reset=any(s.reference_reset for s in summaries),
+            seconds=max(s.seconds for s in summaries),
+            dropped=[line for s in summaries for line in s.dropped],
+            computed_per_rank=[s.computed for s in summaries],
+        )
+        for name in ("examples", "computed", "skipped", "stale", "response_tokens",
+                     "responses_computed", "bytes_written", "parts_written"):  # fmt: skip
+            setattr(merged, name, sum(getattr(s, name) for s in summaries))
+        return merged
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
         rate = self.seconds if self.seconds > 0 else float("nan")
         stale = f", {self.stale} stale recomputed" if self.stale else ""
         dropped = f", {len(self.dropped)} invalid dropped" if self.dropped else ""
+        ranks = (
+            f" ({len(self.computed_per_rank)} ranks, computed per rank: {' + '.join(map(str, self.computed_per_rank))})"
+            if len(self.computed_per_rank) > 1
+            else ""
+        )
         return (
-            f"precompute: {self.computed} examples computed, {self.skipped} skipped (up to date){stale}{dropped}; "
+            f"precompute{ranks}: {self.computed} examples computed, {self.skipped} skipped (up to date){stale}{dropped}; "
             f"{self.response_tokens} response tokens, {self.responses_computed} distinct responses; "
             f"{_human_bytes(self.bytes_written)} written in {self.parts_written} part{'s' if self.parts_written != 1 else ''}; "
             f"{self.seconds:.1f} s ({self.computed / rate:.1f} examples/s, {self.response_tokens / rate:.0f} tokens/s)"
@@ -568,50 +596,65 @@ def run_precompute(
     Every check (options, safety set, model path and vocabulary, data, encoding, the
     LM-head probe) runs before the first write. `echo` receives one-line notes (reference
     reset, stale examples, dropped rows); default: stderr.
+
+    In an initialised torch.distributed process group of more than one process,
+    `options.shard` must be RANK/WORLD_SIZE; a failed check on any rank stops every
+    rank; the returned summary is the merge of every rank's (`PrecomputeSummary.merge`)
+    after each rank found its examples in the store.
     """
     options = options or PrecomputeOptions()
-    say = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+    note = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+    rank, world = _group_ranks()
+    say = note if world == 1 else (lambda message: note(f"rank {rank}: {message}"))
     started = time.perf_counter()
-    options.validate()
-    summary = PrecomputeSummary()
-    model_dir = Path(model_dir)
-    store = Store(store_dir)
-    safety = load_safety_set(store)
-    _check_vocabulary(model_dir, _config_vocab_size(model_dir, options.trust_remote_code), safety, "vocabulary entries (config.vocab_size)")
-    loaded = load_examples(data_path, options.data_format, skip_invalid=options.skip_invalid)
-    summary.dropped += [f"row {bad.row}: {bad.reason}" for bad in loaded.invalid]
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=options.trust_remote_code)
-    encoded = _encode_shard(tokenizer, loaded.examples, options, summary)
-    header = assistant_header_ids(tokenizer)
-    summary.examples = len(encoded)
-    fingerprint = model_fingerprint(model_dir)
+    with _agreeing(world):
+        options.validate()
+        if world > 1 and options.shard != Shard(rank, world):
+            raise PactError(
+                f"shard {options.shard.index}/{options.shard.count} disagrees with the process group "
+                f"(rank {rank} of {world}); under torchrun each rank computes shard RANK/WORLD_SIZE"
+            )
+        summary = PrecomputeSummary()
+        model_dir = Path(model_dir)
+        store = Store(store_dir)
+        safety = load_safety_set(store)
+        _check_vocabulary(model_dir, _config_vocab_size(model_dir, options.trust_remote_code), safety, "vocabulary entries (config.vocab_size)")
+        loaded = load_examples(data_path, options.data_format, skip_invalid=options.skip_invalid)
+        summary.dropped += [f"row {bad.row}: {bad.reason}" for bad in loaded.invalid]
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=options.trust_remote_code)
+        encoded = _encode_shard(tokenizer, loaded.examples, options, summary)
+        header = assistant_header_ids(tokenizer)
+        summary.examples = len(encoded)
+        fingerprint = model_fingerprint(model_dir)
 
-    device = resolve_device(options.device)
-    compute_dtype = resolve_dtype(options.dtype, device)
-    model = load_model(
-        model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code
-    )
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise PactError(f"reference {model_dir} has no output embedding (LM head)")
-    _check_vocabulary(model_dir, int(head.weight.shape[0]), safety, "output-embedding rows")
-    safety_ids = torch.from_numpy(safety.token_ids.astype(np.int64)).to(device)
-    if encoded:
-        with torch.inference_mode():
-            probe = torch.from_numpy(encoded[0].input_ids[None, :]).to(device)
-            check_head_matches_forward(model, probe, safety_ids)
+        device = resolve_device(options.device)
+        compute_dtype = resolve_dtype(options.dtype, device)
+        model = load_model(
+            model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code
+        )
+        head = model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise PactError(f"reference {model_dir} has no output embedding (LM head)")
+        _check_vocabulary(model_dir, int(head.weight.shape[0]), safety, "output-embedding rows")
+        safety_ids = torch.from_numpy(safety.token_ids.astype(np.int64)).to(device)
+        if encoded:
+            with torch.inference_mode():
+                probe = torch.from_numpy(encoded[0].input_ids[None, :]).to(device)
+                check_head_matches_forward(model, probe, safety_ids)
 
     for line in summary.dropped:
         say(f"skipped {line}")
-    reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)
-    changed, dropped_parts = _claim_reference(store, reference)
-    if changed:
-        summary.reference_reset = True
-        say(
-            f"the store was computed with another reference ({', '.join(changed)} changed): "
-            f"dropped {len(dropped_parts)} parts, recomputing every example"
-        )
-    work, stored_responses = _plan_work(store, encoded)
+    # Every rank plans against the store before any rank rewrites stored rows.
+    with _agreeing(world):
+        reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)
+        changed, dropped_parts = _claim_reference(store, reference)
+        if changed:
+            summary.reference_reset = True
+            say(
+                f"the store was computed with another reference ({', '.join(changed)} changed): "
+                f"dropped {len(dropped_parts)} parts, recomputing every example"
+            )
+        work, stored_responses = _plan_work(store, encoded)
     summary.skipped, summary.stale = work.skipped, len(work.stale)
     if work.stale:
         say(f"{len(work.stale)} examples have a new token hash (tokenizer, template or max length changed): recomputing them")
@@ -634,7 +677,69 @@ def run_precompute(
     summary.bytes_written += writer.bytes_written
     summary.parts_written = writer.parts_written
     summary.seconds = time.perf_counter() - started
+    if world > 1:
+        return _finish_ranks(store, encoded, summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _group_ranks() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(value: Any) -> list[Any]:
+    """[value of rank 0, value of rank 1, ...] on every rank."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+@contextlib.contextmanager
+def _agreeing(world: int) -> Iterator[None]:
+    """A block every rank runs; a PactError on any rank is raised on every rank, prefixed
+    with the rank that failed (a single process raises its own error unchanged)."""
+    if world == 1:
+        yield
+        return
+    error: str | None = None
+    try:
+        yield
+    except PactError as exc:
+        error = str(exc)
+    for failed, message in enumerate(_gather(error)):
+        if message is not None:
+            raise PactError(f"rank {failed}: {message}")
+
+
+def missing_examples(store: Store, example_ids: list[str]) -> list[str]:
+    """The ids among `example_ids` that have no targets in the store (in order); the
+    reader's index also refuses an example stored twice."""
+    reader = TargetReader(store, check_finite=False)
+    return [example_id for example_id in example_ids if example_id not in reader]
+
+
+def _finish_ranks(store: Store, encoded: list[Encoded], summary: PrecomputeSummary) -> PrecomputeSummary:
+    """After every rank registered its parts: each checks that its examples are stored
+    (once), then the summaries are merged on every rank; PactError naming the ranks
+    whose examples are missing."""
+    dist.barrier()
+    try:
+        missing = missing_examples(store, [e.example_id for e in encoded])
+        problem = f"{len(missing)} examples missing, first: {', '.join(missing[:3])}" if missing else None
+    except PactError as exc:
+        problem = str(exc)
+    gathered = _gather((summary, problem))
+    problems = [f"rank {rank}: {problem}" for rank, (_, problem) in enumerate(gathered) if problem]
+    if problems:
+        raise PactError(
+            f"every rank finished but the store is incomplete ({'; '.join(problems)}); rerun pact precompute"
+        )
+    return PrecomputeSummary.merge([part for part, _ in gathered])
 
 
 def _compute(

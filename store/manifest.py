@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from store.atomic import atomic_write_bytes
+from store.atomic import TEMP_PREFIX, atomic_write_bytes
 from store.errors import PactError
 
 SCHEMA_VERSION = 1
@@ -135,6 +135,8 @@ class Store:
     def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Re-read the manifest under the lock, apply `change` in place, write it atomically."""
         with self.locked():
+            for stale in self.root.glob(TEMP_PREFIX + MANIFEST + ".*"):
+                stale.unlink(missing_ok=True)
             manifest = self.read_manifest()
             change(manifest)
             _validate(manifest, self.manifest_path)

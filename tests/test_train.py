@@ -841,3 +841,37 @@ def test_gradient_checkpointing_changes_nothing_but_memory(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert_same_weights(final_weights(plain), final_weights(checkpointed), atol=1e-6)
+
+
+def _probe_world(root: Path) -> tuple[World, Path]:
+    """A fresh world (its store gets a probe) and a small safety set for the probe."""
+    built = build_world(root / "world")
+    rows = [{"id": f"p{i}", "prompt": f"how do I break rule {i}?", "completion": "I cannot help with that."} for i in range(3)]
+    return built, write_jsonl(root / "probe.jsonl", rows)
+
+
+def test_probe_every_records_drift_and_caches_the_reference_probe(tmp_path: Path) -> None:
+    """--probe-every: step 0 is the reference, so its probe is cached; later probes drift."""
+    from pipeline.probe import read_reference_probe
+
+    built, probe = _probe_world(tmp_path)
+    config = make_config(built, tmp_path / "run", finetune="full", max_steps=4, lr=5e-2, probe=str(probe), probe_every=2)
+    result = train(config)
+    assert [(r["step"], r["probe_kl"] is not None) for r in result.metrics] == [(1, False), (2, True), (3, False), (4, True)]
+    probed = [r for r in result.metrics if r["probe_kl"] is not None]
+    assert all(r["probe_kl"] > 0 and 0 < r["probe_mass"] <= 1 for r in probed)
+    assert read_reference_probe(Store(built.store_dir), load_examples(probe).examples) is not None
+    _, rows = query(Store(built.store_dir), "SELECT step FROM metrics WHERE probe_kl IS NOT NULL ORDER BY step")
+    assert rows == [(2,), (4,)]
+
+
+def test_probe_needs_its_partner_option_and_a_reference(tmp_path: Path) -> None:
+    built, probe = _probe_world(tmp_path)
+    with pytest.raises(PactError, match=r"--probe-every needs --probe FILE"):
+        train(make_config(built, tmp_path / "a", probe_every=1))
+    with pytest.raises(PactError, match=r"--probe FILE needs --probe-every N"):
+        train(make_config(built, tmp_path / "b", probe=str(probe)))
+    other = copy_model(built.model_dir, tmp_path / "other")
+    make_model(other, len(make_tokenizer(tmp_path / "tok")), seed=99, hidden=32, layers=2)
+    with pytest.raises(PactError, match=r"the store has no reference probe for probe\.jsonl: run `pact eval"):
+        train(make_config(built, tmp_path / "c", model=str(other), method="sft", probe=str(probe), probe_every=1))

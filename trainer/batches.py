@@ -86,6 +86,15 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
 
+def rank_share(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous share of one global micro-batch: the batch cut into
+    `world_size` runs whose sizes differ by at most one (the first ranks get the extra
+    examples; a rank may get none). Concatenated over the ranks, the shares are `indices`."""
+    base, extra = divmod(len(indices), world_size)
+    start = rank * base + min(rank, extra)
+    return list(indices[start : start + base + (1 if rank < extra else 0)])
+
+
 def pad_rows(rows: Sequence[np.ndarray], width: int, fill: float, dtype: torch.dtype) -> Tensor:
     """Rows of different lengths right-padded with `fill` -> [len(rows), width]."""
     out = torch.full((len(rows), width), fill, dtype=dtype)

@@ -8,9 +8,12 @@ A checkpoint holds everything needed to continue a run exactly:
     scheduler.pt           scheduler state dict    torch.load(weights_only=True))
     rng.pt                 torch CPU (and CUDA) generator states
     rng.json               python `random` and numpy global generator states
-    trainer_state.json     data position (epoch, next batch, optimizer step),
-                           elapsed seconds, the metrics rows so far
+    trainer_state.json     data position (epoch, next global micro-batch, optimizer
+                           step), elapsed seconds, the metrics rows so far
     config.json            the run's configuration
+
+Under torchrun rank 0 writes it, with the full weights and the optimizer state in the
+single-process layout (FSDP gathers them first), so it loads on any world size.
 
 Each checkpoint is written into a `.tmp-` directory, fsynced and renamed, so a
 `step-N` directory is always complete; a killed run leaves at most a `.tmp-`
@@ -26,7 +29,7 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +62,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 @dataclass
 class TrainerState:
     """Where a run stands: `step` optimizer steps done; the next micro-batch is batch
-    `batch_index` of epoch `epoch` (0-based); `elapsed_s` seconds of training so far;
-    `metrics` one row per optimizer step."""
+    `batch_index` of epoch `epoch` (0-based; a global micro-batch of `--batch-size` x
+    ranks examples); `elapsed_s` seconds of training so far; `metrics` one row per
+    optimizer step."""
 
     step: int = 0
     epoch: int = 0
@@ -183,16 +187,27 @@ def save_checkpoint(
     config: dict[str, Any],
     *,
     keep: int = KEEP_CHECKPOINTS,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `RUN/checkpoints/step-<state.step>` atomically, then delete all but the newest `keep`."""
+    """Write `RUN/checkpoints/step-<state.step>` atomically, then delete all but the newest `keep`.
+
+    `weights` / `optimizer_state`: the trainable weights by name and the optimizer state
+    dict when the model's own are sharded (FSDP, gathered by `distributed.FullState`);
+    default: read from `model` and `optimizer`.
+    """
     final = Path(run_dir) / CHECKPOINTS_DIR / f"step-{state.step}"
     with atomic_directory(final) as tmp:
-        weights = {
-            n: p.detach().to("cpu").contiguous().clone()
-            for n, p in trainable_parameters(model).items()
-        }
+        if weights is None:
+            weights = {
+                n: p.detach().to("cpu").contiguous().clone()
+                for n, p in trainable_parameters(model).items()
+            }
         save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            tmp / "optimizer.pt",
+        )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         torch.save({"cpu": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
@@ -200,7 +215,9 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f"{TEMP_PREFIX}pruned-{old.name}")
+        os.replace(old, doomed)  # a kill mid-delete leaves a .tmp- dir the next run removes
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -214,8 +231,15 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    load_optimizer_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG states in place; return the data position."""
+    """Restore weights, optimizer, scheduler and RNG states in place; return the data position.
+
+    `load_weights` / `load_optimizer_state` replace the in-place copies for a sharded
+    model (FSDP: `distributed.FullState`); names and shapes are checked either way.
+    """
     path = Path(path)
     params = trainable_parameters(model)
     try:
@@ -229,16 +253,22 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model (missing {missing}, unexpected {extra}); "
             "was it written with other --finetune/--lora options?"
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            if weights[name].shape != param.shape:
-                raise PactError(
-                    f"checkpoint {path}: {name} has shape {list(weights[name].shape)}, the model {list(param.shape)}"
-                )
-            param.copy_(weights[name])
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    )
+    for name, param in params.items():
+        if weights[name].shape != param.shape:
+            raise PactError(
+                f"checkpoint {path}: {name} has shape {list(weights[name].shape)}, the model {list(param.shape)}"
+            )
+    if load_weights is None:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+    else:
+        load_weights(weights)
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if load_optimizer_state is None:
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        load_optimizer_state(optimizer_state)
     scheduler.load_state_dict(
         torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
     )

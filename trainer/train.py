@@ -12,6 +12,11 @@ One loop, read top to bottom in `train()`:
     -> RUN/model (full FT) or RUN/adapter (+ RUN/model with --merge), metrics
 
 PACT loss per micro-batch (DESIGN "Stage 2"): CE(response) + λ · token mean of KL_t.
+
+Under torchrun (WORLD_SIZE > 1) every rank runs this loop on its share of each global
+micro-batch (`--batch-size` x ranks examples), the model wrapped in DDP or sharded
+with FSDP, each share's loss weighed so that the gradient is the single-process one;
+rank 0 writes (trainer/distributed.py, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -48,22 +53,38 @@ from pipeline.encoding import (
     encode_example,
     encoding_fingerprints,
 )
-from store.atomic import atomic_write_bytes, atomic_write_with
+from pipeline.probe import (
+    encode_probe,
+    probe_drift,
+    probe_encoding_options,
+    read_reference_probe,
+    reference_fingerprint,
+    safety_logprobs,
+    write_reference_probe,
+)
+from store.atomic import (
+    TEMP_PREFIX,
+    atomic_write_bytes,
+    atomic_write_with,
+    remove_stale_temporaries,
+)
 from store.errors import PactError
 from store.manifest import Store
 from store.safety import SafetySet, load_safety_set
 from store.tables import METRICS_SCHEMA, write_table
-from store.targets import TargetReader
-from trainer import checkpoint
+from store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
+from trainer import checkpoint, distributed
 from trainer.batches import (
     Batch,
     cached_batch,
     collate,
     epoch_batches,
+    rank_share,
     response_token_logprobs,
     student_subset,
 )
 from trainer.checkpoint import TrainerState
+from trainer.distributed import Ranks
 from trainer.loss import PactConfig, constrained_sft_loss, pact_kl_terms, response_cross_entropy
 from trainer.reference import OnlineReference
 from trainer.validate import (
@@ -83,8 +104,13 @@ DEFAULT_KL_WEIGHT = 1.0
 DEFAULT_MAX_LENGTH = 1024
 # Options that may differ when resuming: they do not change the steps already taken.
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id"}
-)
+    {
+        "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
+        "targets_memory_mb", "fsdp",
+    }
+)  # fmt: skip
+# --batch-size may change on resume when the world size changes with it: the global
+# micro-batch (--batch-size x ranks) must stay the same (`_check_resume`).
 
 
 @dataclass
@@ -109,7 +135,7 @@ class TrainConfig:
     merge: bool = False  # LoRA: also write the merged model to RUN/model
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 4
+    batch_size: int = 4  # examples per micro-batch (per rank under torchrun)
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -120,8 +146,12 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500  # optimizer steps between checkpoints; 0 = none
     resume: bool = False
-    device: str = "auto"
+    device: str = "auto"  # under torchrun, auto / cuda mean cuda:LOCAL_RANK
     run_id: str | None = None  # name in the store's metrics table; default: RUN's folder name
+    targets_memory_mb: float = DEFAULT_MEMORY_BUDGET_MB  # cache of target row groups read from the store
+    fsdp: bool = False  # under torchrun: shard the model with FSDP instead of DDP (full fine-tuning)
+    probe: str | None = None  # safety set (prompt, refusal) for the drift probe
+    probe_every: int = 0  # optimizer steps between drift probes; 0 = no probe
 
 
 @dataclass
@@ -254,6 +284,24 @@ def check_config(config: TrainConfig) -> None:
         raise PactError(f"--seed must be an integer, got {config.seed!r}")
     if not isinstance(config.pact, PactConfig):
         raise PactError("TrainConfig.pact must be a trainer.loss.PactConfig")
+    _number(config.targets_memory_mb, "--targets-memory-mb", minimum=0.0, inclusive=False)
+    _positive_int(config.probe_every, "--probe-every", 0)
+    if config.probe_every and config.probe is None:
+        raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
+    if config.probe is not None and not config.probe_every:
+        raise PactError("--probe FILE needs --probe-every N (optimizer steps between probes)")
+    if config.probe is not None and config.store is None:
+        raise PactError("--probe needs --store (the safety tokens and the reference probe live there)")
+    if config.fsdp and config.finetune != "full":
+        raise PactError(
+            "--fsdp supports full fine-tuning only (pact does not save or merge the adapters of "
+            "a sharded LoRA model); LoRA runs under torchrun with DDP, the default"
+        )
+    if config.fsdp and config.reference == "online":
+        raise PactError(
+            "--fsdp needs --reference cached: an online reference would be a second, unsharded "
+            "copy of the model on every rank"
+        )
 
 
 def pact_config(**values: Any) -> PactConfig:
@@ -425,8 +473,26 @@ def _write_metrics(
 
 
 def _check_resume(record: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
-    """The checkpoint was written by the same run (options, model and data)."""
+    """The checkpoint was written by the same run (options, model and data); on another
+    world size, --batch-size x ranks (the global micro-batch) is unchanged."""
+    world, saved_world = record.get("world_size", 1), saved.get("world_size", 1)
+    batch, saved_batch = record["options"]["batch_size"], saved["options"].get("batch_size")
+    if world != saved_world and (
+        not isinstance(saved_batch, int) or batch * world != saved_batch * saved_world
+    ):
+        micro = saved_batch * saved_world if isinstance(saved_batch, int) else None
+        hint = (
+            f"pass --batch-size {micro // world}"
+            if micro is not None and micro % world == 0
+            else f"run on a number of ranks that divides {micro}"
+        )
+        raise PactError(
+            f"--resume: {path.name} was trained with {saved_world} rank(s) x --batch-size {saved_batch} "
+            f"examples per micro-batch, this run has {world} x {batch}; keep the global micro-batch: {hint}"
+        )
     for key, value in sorted(record["options"].items()):
+        if key == "batch_size" and world != saved_world:
+            continue  # checked above
         if key not in RESUMABLE_CHANGES and saved["options"].get(key) != value:
             raise PactError(
                 f"--resume: option {key} is {value!r} but {path.name} was trained with "
@@ -453,19 +519,39 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _save_pretrained(directory: Path, model: Any, tokenizer: Any) -> None:
+def _save_pretrained(
+    directory: Path, model: Any, tokenizer: Any, state_dict: dict[str, Tensor] | None = None
+) -> None:
     with checkpoint.atomic_directory(directory) as tmp:
-        model.save_pretrained(str(tmp))
+        if state_dict is None:
+            model.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
 
 
+def _output_dirs(config: TrainConfig, run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(model_dir, adapter_dir) that `save_outputs` writes for `config`."""
+    if config.finetune == "full":
+        return run_dir / "model", None
+    return (run_dir / "model" if config.merge else None), run_dir / "adapter"
+
+
 def save_outputs(
-    config: TrainConfig, model: Any, tokenizer: Any, run_dir: Path
+    config: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    run_dir: Path,
+    *,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> tuple[Path | None, Path | None]:
-    """RUN/model (full FT; LoRA with merge) and RUN/adapter (LoRA); returns (model_dir, adapter_dir)."""
+    """RUN/model (full FT; LoRA with merge) and RUN/adapter (LoRA); returns (model_dir, adapter_dir).
+
+    `state_dict`: the full weights of a sharded (FSDP, full fine-tuning) model, gathered
+    on this rank; default: the model's own."""
     model.eval()
     if config.finetune == "full":
-        _save_pretrained(run_dir / "model", model, tokenizer)
+        _save_pretrained(run_dir / "model", model, tokenizer, state_dict)
         return run_dir / "model", None
     _save_pretrained(run_dir / "adapter", model, tokenizer)
     if not config.merge:
@@ -491,9 +577,13 @@ class RunInputs:
     reader: TargetReader | None  # cached targets (pact / constrained-sft with --reference cached)
 
 
-def prepare_inputs(config: TrainConfig) -> RunInputs:
+def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs:
     """Data, tokenizer, store and safety set; with cached targets every check of the
-    store against this run passes here, before any model is loaded."""
+    store against this run passes here, before any model is loaded.
+
+    In a multi-process run each rank checks the token hashes of its share of the
+    examples (every `world_size`-th one) and a failure on any rank stops all of them."""
+    ranks = ranks or Ranks()
     examples = load_examples(config.data, config.data_format).examples
     model_fingerprint = models.model_fingerprint(config.model)
     tokenizer = models.load_tokenizer(config.model)
@@ -516,19 +606,30 @@ def prepare_inputs(config: TrainConfig) -> RunInputs:
         check_vocabulary(entry, tokenizer)  # online PACT: the safety ids must name the same tokens
     encoded = [
         encode_example(tokenizer, example, options)
-        for example in tqdm(examples, desc="encode", unit="ex", file=sys.stderr, leave=False)
+        for example in tqdm(
+            examples, desc="encode", unit="ex", file=sys.stderr, leave=False, disable=not ranks.is_main
+        )
     ]
     reader = None
     if use_targets:
-        reader = TargetReader(store)
-        check_examples(encoded, reader)
+        reader = TargetReader(store, memory_budget_mb=config.targets_memory_mb)
+        if ranks.enabled:
+            with distributed.agreeing():
+                check_examples(encoded[ranks.rank :: ranks.world_size], reader)
+        else:
+            check_examples(encoded, reader)
     return RunInputs(tokenizer, encoded, options, model_fingerprint, store, entry, safety, reader)
 
 
 def _run_record(
-    config: TrainConfig, inputs: RunInputs, run_id: str, steps_per_epoch: int, total_steps: int
+    config: TrainConfig,
+    inputs: RunInputs,
+    run_id: str,
+    steps_per_epoch: int,
+    total_steps: int,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """RUN/config.json: every option (paths absolute), fingerprints, versions."""
+    """RUN/config.json: every option (paths absolute), fingerprints, versions, world size."""
     options = dataclasses.asdict(config)
     for key in ("model", "data", "out", "store"):
         if options[key] is not None:
@@ -547,6 +648,7 @@ def _run_record(
         "num_examples": len(inputs.encoded),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
+        "world_size": world_size,
         "versions": {p: _version(p) for p in ("pact", "torch", "transformers", "peft")},
     }
     return json.loads(json.dumps(record))
@@ -556,27 +658,139 @@ def _run_record(
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md."""
+    """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls it: the process group is
+    initialised here (gloo on CPU, nccl on CUDA) unless the caller did, the model is
+    wrapped in DDP (or sharded with FSDP), and rank 0 writes; see docs/distributed.md.
+    """
     check_config(config)
-    run_dir = Path(config.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PactError(f"--out {run_dir} exists and is not a directory")
-    if not config.resume and (run_dir / "config.json").exists():
+    with distributed.process_group(config.device) as ranks:
+        device = models.resolve_device(distributed.rank_device(config.device, ranks))
+        run_dir = Path(config.out)
+        with distributed.agreeing():
+            if config.fsdp and not ranks.enabled:
+                raise PactError(
+                    "--fsdp shards the model over the processes of a torchrun launch; "
+                    "this is a single process (WORLD_SIZE unset or 1)"
+                )
+            if run_dir.exists() and not run_dir.is_dir():
+                raise PactError(f"--out {run_dir} exists and is not a directory")
+            if not config.resume and (run_dir / "config.json").exists():
+                raise PactError(
+                    f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"
+                )
+            resume_from = checkpoint.latest_checkpoint(run_dir) if config.resume else None
+            if config.resume and resume_from is None and not (run_dir / "config.json").is_file():
+                raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        with _deterministic(config.seed, device):
+            return _train(config, run_dir, resume_from, device, ranks)
+
+
+@dataclass
+class _MicroBatches:
+    """How one optimizer step's micro-batches are read and weighed on this rank."""
+
+    make_batch: Callable[[list[int]], Batch]
+    loss: Callable[[Batch], StepLoss]
+
+
+def _local_micro_steps(
+    group: list[list[int]], run: _MicroBatches, state: TrainerState, stop: Callable[[str], PactError]
+) -> StepTotals:
+    """Single process: each micro-batch's loss (a token mean) / the number of micro-batches."""
+    totals = StepTotals()
+    for micro, indices in enumerate(group):
+        batch = run.make_batch(indices)
+        terms = run.loss(batch)
+        value = float(terms.loss.detach())
+        if not math.isfinite(value):
+            where = f"epoch {state.epoch}, batch {state.batch_index + micro}, examples {', '.join(batch.example_ids[:3])}"
+            raise stop(f"the loss is {value} at step {state.step + 1} ({where})")
+        (terms.loss / len(group)).backward()
+        totals.add(terms, value, batch.num_tokens)
+    return totals
+
+
+def _distributed_micro_steps(
+    group: list[list[int]],
+    run: _MicroBatches,
+    state: TrainerState,
+    stop: Callable[[str], PactError],
+    encoded: list[Encoded],
+    wrapped: torch.nn.Module,
+    ranks: Ranks,
+) -> StepTotals:
+    """Every rank: its share of each global micro-batch, weighed so that DDP's gradient
+    mean equals the single-process gradient of the whole micro-batch.
+
+    Global micro-batch k has N_k response tokens (all-reduced first); this rank's share
+    n_k. Its loss is a token mean over n_k (CE over the response labels, KL over the
+    valid steps: the same tokens), so loss_k * n_k / N_k is its part of the token mean
+    over N_k; times world_size because DDP averages gradients over the ranks; / the
+    number of micro-batches as in a single process. A rank with an empty share runs the
+    micro-batch's first example with weight 0 (DDP needs every rank in every backward).
+    """
+    shares = [rank_share(indices, ranks.rank, ranks.world_size) for indices in group]
+    local = [sum(encoded[i].response_length for i in share) for share in shares]
+    global_tokens = distributed.all_reduce(local)
+    sums = [0.0] * 5  # loss, ce, kl, gate_mean (token-weighted), input tokens
+    failure = None
+    for micro, (indices, share) in enumerate(zip(group, shares, strict=True)):
+        weight = local[micro] / global_tokens[micro] if share else 0.0
+        batch = run.make_batch(share or indices[:1])
+        with distributed.gradient_sync(wrapped, micro == len(group) - 1):
+            terms = run.loss(batch)
+            (terms.loss * (weight * ranks.world_size / len(group))).backward()
+        if not share:
+            continue
+        value = float(terms.loss.detach())
+        if not math.isfinite(value) and failure is None:
+            failure = (value, f"epoch {state.epoch}, batch {state.batch_index + micro}, examples {', '.join(batch.example_ids[:3])}")
+        for i, part in enumerate((value, terms.ce, terms.kl or 0.0, terms.gate_mean or 0.0)):
+            sums[i] += part * weight
+        sums[4] += batch.num_tokens
+    loss, ce, kl, gate_mean, tokens = distributed.all_reduce(sums)
+    if not math.isfinite(loss):
+        value, where = next(f for f in distributed.all_gather_objects(failure) if f is not None)
+        raise stop(f"the loss is {value} at step {state.step + 1} ({where})")
+    return StepTotals(loss, ce, kl, gate_mean, int(tokens))
+
+
+def _prepare_probe(
+    config: TrainConfig, tokenizer: Any, store: Store, safety: SafetySet | None, model: Any, *, fresh: bool
+) -> list[Any]:
+    """The probe examples, with the store's reference probe cached.
+
+    When the store has no reference probe for them yet and this is a fresh run of the
+    store's reference model, the model at step 0 IS the reference: compute and cache it.
+    """
+    examples = load_examples(config.probe, require_response=True).examples
+    if read_reference_probe(store, examples) is not None:
+        return examples
+    manifest = store.require()
+    reference = reference_fingerprint(manifest)
+    if not fresh or safety is None or reference is None or models.model_fingerprint(config.model) != reference:
         raise PactError(
-            f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"
+            f"the store has no reference probe for {Path(config.probe).name}: run "
+            f"`pact eval --model REFERENCE --store {store.root} --probe {config.probe}` first"
         )
-    resume_from = checkpoint.latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and resume_from is None:
-        raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    device = models.resolve_device(config.device)
-    with _deterministic(config.seed, device):
-        return _train(config, run_dir, resume_from, device)
+    options = probe_encoding_options(manifest)
+    encoded = encode_probe(tokenizer, examples, options)
+    logprobs = safety_logprobs(model, encoded, safety.token_ids)
+    distributed.on_main(
+        lambda: write_reference_probe(
+            store, examples, encoded, logprobs, reference_model=reference, safety=safety, options=options
+        )
+    )
+    distributed.barrier()
+    return examples
 
 
 def _train(
-    config: TrainConfig, run_dir: Path, resume_from: Path | None, device: str
+    config: TrainConfig, run_dir: Path, resume_from: Path | None, device: str, ranks: Ranks
 ) -> TrainResult:
-    inputs = prepare_inputs(config)
+    inputs = prepare_inputs(config, ranks)
     tokenizer, encoded, store = inputs.tokenizer, inputs.encoded, inputs.store
     run_id = config.run_id or default_run_id(run_dir)
 
@@ -609,31 +823,53 @@ def _train(
             adapters_disabled=lora,
             autocast=autocast,
         )
+    # DDP (or FSDP) under torchrun; the model itself in a single process.
+    wrapped = distributed.wrap_model(model, ranks, device, fsdp=config.fsdp)
 
     # Optimizer and schedule over the optimizer steps of the whole run.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(encoded) / config.batch_size) / config.grad_accum)
+    global_micro = config.batch_size * ranks.world_size  # examples per (global) micro-batch
+    steps_per_epoch = math.ceil(math.ceil(len(encoded) / global_micro) / config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
+    full_state = distributed.FullState(model, optimizer) if config.fsdp else None
 
     # Fresh start or resume from the newest complete checkpoint, exactly where it stopped.
-    record = _run_record(config, inputs, run_id, steps_per_epoch, total_steps)
-    checkpoint.remove_stale_directories(run_dir / checkpoint.CHECKPOINTS_DIR)
-    checkpoint.remove_stale_directories(run_dir)
+    record = _run_record(config, inputs, run_id, steps_per_epoch, total_steps, ranks.world_size)
     state = TrainerState()
     if resume_from is not None:
-        _check_resume(record, checkpoint.read_checkpoint_config(resume_from), resume_from)
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
+        with distributed.agreeing():
+            _check_resume(record, checkpoint.read_checkpoint_config(resume_from), resume_from)
+        state = checkpoint.load_checkpoint(
+            resume_from, model, optimizer, scheduler,
+            load_weights=full_state.load_weights if full_state else None,
+            load_optimizer_state=full_state.load_optimizer_state if full_state else None,
+        )  # fmt: skip
     else:
+        if config.resume:  # killed before its first checkpoint: the same run starts over at step 0
+            started_config = run_dir / "config.json"
+            with distributed.agreeing():
+                _check_resume(record, json.loads(started_config.read_text()), started_config)
         _seed_everything(config.seed)  # the same dropout stream whatever was loaded above
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        run_dir / "config.json", json.dumps(record, indent=1, sort_keys=True).encode()
-    )
+
+    def start_run_dir() -> None:
+        checkpoint.remove_stale_directories(run_dir / checkpoint.CHECKPOINTS_DIR)
+        checkpoint.remove_stale_directories(run_dir)
+        if run_dir.is_dir():
+            remove_stale_temporaries(run_dir)
+        if store is not None:
+            for stale in (store.root / "metrics").glob(f"{TEMP_PREFIX}{run_id}.parquet.*"):
+                stale.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            run_dir / "config.json", json.dumps(record, indent=1, sort_keys=True).encode()
+        )
+
+    distributed.on_main(start_run_dir)
 
     def stop(reason: str) -> PactError:
-        _write_metrics(run_dir, store, run_id, state.metrics)
+        distributed.on_main(lambda: _write_metrics(run_dir, store, run_id, state.metrics))
         last = checkpoint.latest_checkpoint(run_dir)
         kept = (
             f"the last checkpoint {last} is intact (--resume continues from it)"
@@ -642,44 +878,68 @@ def _train(
         )
         return PactError(f"{reason}; training stopped, {kept}")
 
+    def make_batch(indices: list[int]) -> Batch:
+        chosen = [encoded[i] for i in indices]
+        if inputs.reader is not None:
+            batch = cached_batch(chosen, tokenizer.pad_token_id, inputs.reader).to(device)
+        else:
+            batch = collate(chosen, tokenizer.pad_token_id).to(device)
+        if online is not None:
+            batch.reference = online.targets(batch)
+        return batch
+
+    def loss(batch: Batch) -> StepLoss:
+        return batch_loss(
+            wrapped, batch, method=config.method, kl_weight=config.kl_weight,
+            pact=config.pact, safety_ids=safety_ids, weights=weights, autocast=autocast,
+        )  # fmt: skip
+
+    def save() -> None:
+        # FSDP: gather the full weights and optimizer state on rank 0 (a collective).
+        full_weights = full_state.weights() if full_state else None
+        optimizer_state = full_state.optimizer_state() if full_state else None
+
+        def write() -> None:
+            checkpoint.save_checkpoint(
+                run_dir, state, model, optimizer, scheduler, record,
+                weights=full_weights, optimizer_state=optimizer_state,
+            )  # fmt: skip
+            _write_metrics(run_dir, store, run_id, state.metrics)
+
+        distributed.on_main(write)
+
+    probe_examples = (
+        _prepare_probe(config, tokenizer, store, inputs.safety, model, fresh=resume_from is None)
+        if config.probe_every
+        else None
+    )
+    micro_batches = _MicroBatches(make_batch, loss)
     with tqdm(
         total=total_steps,
         initial=state.step,
         desc=f"train {config.method}",
         unit="step",
         file=sys.stderr,
+        disable=not ranks.is_main,
     ) as progress:
         started = time.perf_counter() - state.elapsed_s
         batches, batches_epoch = [], None
         while state.step < total_steps:
             if batches_epoch != state.epoch:
                 batches, batches_epoch = (
-                    epoch_batches(len(encoded), config.batch_size, config.seed, state.epoch),
+                    epoch_batches(len(encoded), global_micro, config.seed, state.epoch),
                     state.epoch,
                 )
             group = batches[state.batch_index : state.batch_index + config.grad_accum]
             step_started = time.perf_counter()
 
             # grad_accum micro-batches: each loss is a token mean of its micro-batch, divided by their count.
-            totals = StepTotals()
-            for micro, indices in enumerate(group):
-                chosen = [encoded[i] for i in indices]
-                if inputs.reader is not None:
-                    batch = cached_batch(chosen, tokenizer.pad_token_id, inputs.reader).to(device)
-                else:
-                    batch = collate(chosen, tokenizer.pad_token_id).to(device)
-                if online is not None:
-                    batch.reference = online.targets(batch)
-                terms = batch_loss(
-                    model, batch, method=config.method, kl_weight=config.kl_weight,
-                    pact=config.pact, safety_ids=safety_ids, weights=weights, autocast=autocast,
-                )  # fmt: skip
-                value = float(terms.loss.detach())
-                if not math.isfinite(value):
-                    where = f"epoch {state.epoch}, batch {state.batch_index + micro}, examples {', '.join(batch.example_ids[:3])}"
-                    raise stop(f"the loss is {value} at step {state.step + 1} ({where})")
-                (terms.loss / len(group)).backward()
-                totals.add(terms, value, batch.num_tokens)
+            if ranks.enabled:
+                totals = _distributed_micro_steps(
+                    group, micro_batches, state, stop, encoded, wrapped, ranks
+                )
+            else:
+                totals = _local_micro_steps(group, micro_batches, state, stop)
 
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
@@ -700,6 +960,9 @@ def _train(
                 state.epoch, state.batch_index = state.epoch + 1, 0
             now = time.perf_counter()
             state.elapsed_s = now - started
+            peak_memory = _peak_memory_mb(device)
+            if ranks.enabled:
+                peak_memory = distributed.all_reduce([peak_memory], "max")[0]
             row = totals.row(len(group), pact=config.method == "pact") | {
                 "run_id": run_id,
                 "method": config.method,
@@ -708,21 +971,29 @@ def _train(
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": totals.tokens / max(now - step_started, 1e-9),
-                "peak_memory_mb": _peak_memory_mb(device),
+                "peak_memory_mb": peak_memory,
                 "time": state.elapsed_s,
+                "probe_kl": None,
+                "probe_mass": None,
             }
+            if probe_examples is not None and state.step % config.probe_every == 0:
+                drift = probe_drift(wrapped, tokenizer, store, probe_examples)
+                row["probe_kl"], row["probe_mass"] = drift.mean_kl, drift.mean_mass
             state.metrics.append(row)
             progress.set_postfix(
-                {k: f"{row[k]:.4g}" for k in ("loss", "ce", "kl", "lr") if row[k] is not None},
+                {k: f"{row[k]:.4g}" for k in ("loss", "ce", "kl", "lr", "probe_kl") if row[k] is not None},
                 refresh=False,
             )
             progress.update(1)
             if config.save_every and (
                 state.step % config.save_every == 0 or state.step == total_steps
             ):
-                checkpoint.save_checkpoint(run_dir, state, model, optimizer, scheduler, record)
-                _write_metrics(run_dir, store, run_id, state.metrics)
+                save()
 
-    model_dir, adapter_dir = save_outputs(config, model, tokenizer, run_dir)
-    _write_metrics(run_dir, store, run_id, state.metrics)
+    state_dict = full_state.model_state() if full_state else None
+    outputs = distributed.on_main(
+        lambda: save_outputs(config, model, tokenizer, run_dir, state_dict=state_dict)
+    )
+    model_dir, adapter_dir = outputs if outputs is not None else _output_dirs(config, run_dir)
+    distributed.on_main(lambda: _write_metrics(run_dir, store, run_id, state.metrics))
     return TrainResult(run_dir, run_id, state.step, state.metrics, model_dir, adapter_dir)

@@ -9,7 +9,9 @@ import click
 from pipeline.data import FORMATS
 from pipeline.models import DTYPES
 from pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
+from store.errors import PactError
 from store.targets import VALUE_DTYPES
+from trainer import distributed
 
 
 @click.command("precompute")
@@ -20,9 +22,9 @@ from store.targets import VALUE_DTYPES
 @click.option("--max-batch-tokens", default=None, type=int, help="Cap on rows x padded length per batch.")
 @click.option("--max-length", default=1024, show_default=True, type=int, help="Max prompt + response tokens (the response tail is cut); must match training.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (auto under torchrun: cuda:LOCAL_RANK).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (auto or cuda under torchrun: cuda:LOCAL_RANK).")
 @click.option("--chunk-positions", default=256, show_default=True, type=int, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory).")
-@click.option("--shard", "shard", default=None, help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i. Default 0/1, or RANK/WORLD_SIZE under torchrun.")
+@click.option("--shard", "shard", default=None, help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i, for machines started without torchrun. Default 0/1; under torchrun each rank computes RANK/WORLD_SIZE.")
 @click.option("--value-dtype", default="float32", show_default=True, type=click.Choice(list(VALUE_DTYPES)), help="Stored dtype of the safety-token log-probs.")
 @click.option("--part-size", "part_size", default=256, show_default=True, type=int, help="Examples per Parquet part (a killed run loses at most one part of work).")
 @click.option("--format", "data_format", default=None, type=click.Choice(FORMATS), help="Row shape of --data; detected when omitted.")
@@ -51,23 +53,32 @@ def precompute_command(
 
     Resumable: examples already stored with the same token hash are skipped, so a rerun
     after a crash computes only what is missing. Shards (--shard i/N) may run at the same
-    time into one store.
+    time into one store. Under torchrun every rank computes its shard; rank 0 prints the
+    summary once every rank's examples are stored (docs/distributed.md).
     """
+    ranks = distributed.launch_ranks(os.environ)
+    if shard is not None and ranks.enabled:
+        raise PactError(
+            f"--shard {shard} under torchrun (WORLD_SIZE={ranks.world_size}): each rank already "
+            "computes shard RANK/WORLD_SIZE; drop --shard, or run without torchrun"
+        )
     shard_of_run, device = torchrun_defaults(shard, device, os.environ)
-    options = PrecomputeOptions(
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        max_length=max_length,
-        dtype=dtype,
-        device=device,
-        chunk_positions=chunk_positions,
-        shard=shard_of_run,
-        value_dtype=value_dtype,
-        examples_per_part=part_size,
-        data_format=data_format,
-        skip_invalid=skip_invalid,
-        trust_remote_code=trust_remote_code,
-        progress=not no_progress,
-    )
-    summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
-    click.echo(summary.line())
+    with distributed.process_group(device) as ranks:
+        options = PrecomputeOptions(
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_length=max_length,
+            dtype=dtype,
+            device=device,
+            chunk_positions=chunk_positions,
+            shard=shard_of_run,
+            value_dtype=value_dtype,
+            examples_per_part=part_size,
+            data_format=data_format,
+            skip_invalid=skip_invalid,
+            trust_remote_code=trust_remote_code,
+            progress=not no_progress and ranks.is_main,
+        )
+        summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
+        if ranks.is_main:
+            click.echo(summary.line())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from pipeline.data import FORMATS
+from store.targets import DEFAULT_MEMORY_BUDGET_MB
+from trainer import distributed
 from trainer.loss import PactConfig
 from trainer.train import (
     DEFAULT_LORA_TARGETS,
@@ -119,7 +121,37 @@ _PACT = PactConfig()
 @click.option(
     "--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N (auto or cuda under torchrun: cuda:LOCAL_RANK).",
+)
+@click.option(
+    "--targets-memory-mb",
+    type=float,
+    default=DEFAULT_MEMORY_BUDGET_MB,
+    show_default=True,
+    help="Memory for target row groups read from the store (an LRU cache; targets stream from disk).",
+)
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun: shard the model with FSDP instead of replicating it with DDP (full fine-tuning).",
+)
+@click.option(
+    "--probe",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Safety set (prompt, refusal) for the drift probe; cached reference from the store.",
+)
+@click.option(
+    "--probe-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Run the drift probe every N optimizer steps (metrics probe_kl, probe_mass); 0 = never.",
+)
 @click.option(
     "--run-id",
     default=None,
@@ -188,6 +220,10 @@ def train_command(
     """Fine-tune --model on --data with the PACT loss (CE + λ·KL on the safety tokens),
     reading the reference's statistics from --store: the reference is never loaded.
 
+    Under torchrun (`torchrun --nproc_per_node N -m pipeline train ...`) it runs DDP
+    (or FSDP with --fsdp); --batch-size is per rank: one optimizer step sees
+    batch-size x ranks x grad-accum examples (docs/distributed.md).
+
     Writes RUN/adapter (LoRA; with --merge also RUN/model) or RUN/model (full),
     RUN/config.json, RUN/metrics.parquet and the store's `metrics` table.
     """
@@ -210,6 +246,8 @@ def train_command(
         **options,
     )
     result = train(config)
+    if not distributed.launch_ranks().is_main:
+        return
     click.echo(f"run: {result.run_dir} (run_id {result.run_id})")
     if result.metrics:
         last = result.metrics[-1]
