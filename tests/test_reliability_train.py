@@ -476,13 +476,6 @@ def test_nan_in_stored_targets_is_refused_with_one_line(kind, nan_target_runs):
     assert re.fullmatch(rf"error: example {named}: stored targets contain NaN or inf \(corrupted part\?\)", line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer/train.py prepare_inputs: NaN targets are found only when their batch is read "
-    "(TargetReader.get in cached_batch), after the steps before it were trained and checkpointed; "
-    "fix: read every example's targets once in trainer/validate.check_examples (reader.get(e.example_id) "
-    "raises on NaN/inf) before the model is loaded",
-)
 def test_nan_in_stored_targets_is_refused_before_the_first_step(nan_target_runs):
     _, runs = nan_target_runs
     out, _ = runs["targets"]

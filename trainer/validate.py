@@ -103,14 +103,18 @@ def _plural(count: int, one: str, many: str) -> str:
 
 
 def check_examples(encoded: Sequence[Encoded], reader: TargetReader) -> None:
-    """Every example has targets, computed from the same token ids."""
+    """Every example has finite targets, computed from the same token ids.
+
+    Reads each example's targets once (row group by row group, within the reader's
+    memory budget), so NaN/inf stops the run before its first step.
+    """
     missing = [e.example_id for e in encoded if e.example_id not in reader]
     if missing:
         raise PactError(
             f"{_plural(len(missing), 'example has', 'examples have')} no targets in the store, "
             f"first: {', '.join(missing[:3])} — run pact precompute"
         )
-    changed = [(e, reader.token_hash(e.example_id)) for e in encoded]
+    changed = [(e, reader.get(e.example_id).token_hash) for e in encoded]
     changed = [(e, stored) for e, stored in changed if stored != e.token_hash]
     if changed:
         first = ", ".join(
