@@ -875,3 +875,17 @@ def test_probe_needs_its_partner_option_and_a_reference(tmp_path: Path) -> None:
     make_model(other, len(make_tokenizer(tmp_path / "tok")), seed=99, hidden=32, layers=2)
     with pytest.raises(PactError, match=r"the store has no reference probe for probe\.jsonl: run `pact eval"):
         train(make_config(built, tmp_path / "c", model=str(other), method="sft", probe=str(probe), probe_every=1))
+
+
+def test_resume_prunes_checkpoints_a_killed_run_left_unpruned(world: World, tmp_path: Path) -> None:
+    """A kill after `step-N` was renamed but before the prune leaves 3 checkpoints; a
+    --resume that has nothing left to train still prunes to the newest two."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(make_config(world, out, finetune="full", max_steps=3, save_every=1))
+    kept = [p.name for p in checkpoint.complete_checkpoints(out)]
+    assert kept == ["step-2", "step-3"]
+    shutil.copytree(out / "checkpoints" / "step-2", out / "checkpoints" / "step-1")
+    train(make_config(world, out, finetune="full", max_steps=3, save_every=1, resume=True))
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == kept

@@ -214,11 +214,16 @@ def save_checkpoint(
         (tmp / "rng.json").write_text(json.dumps(_rng_json()))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Delete all but the newest `keep` complete checkpoints (also what a killed prune left)."""
     for old in complete_checkpoints(run_dir)[:-keep]:
         doomed = old.with_name(f"{TEMP_PREFIX}pruned-{old.name}")
         os.replace(old, doomed)  # a kill mid-delete leaves a .tmp- dir the next run removes
         shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:

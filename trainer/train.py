@@ -858,6 +858,7 @@ def _train(
         checkpoint.remove_stale_directories(run_dir)
         if run_dir.is_dir():
             remove_stale_temporaries(run_dir)
+            checkpoint.prune_checkpoints(run_dir)
         if store is not None:
             for stale in (store.root / "metrics").glob(f"{TEMP_PREFIX}{run_id}.parquet.*"):
                 stale.unlink(missing_ok=True)
