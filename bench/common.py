@@ -6,6 +6,12 @@
 - `synthetic_store`: a store written with the real writer (`store.targets.TargetWriter`),
   random log-probs, response lengths drawn uniformly in [1, max_steps].
 - `machine`, `markdown_table`, `write_json`, `base_parser`: what every script prints/writes.
+- `ForkedRunner`: a function in a fresh process per call, forked from a server that has
+  already imported torch/transformers (seconds of start-up saved per process);
+  `process_memory_mb` / `reset_peak_rss` read and reset a process's peak RSS,
+  `pin_mmap_threshold` makes it follow the live memory (glibc).
+- `save_llama`, `synthetic_rows`, `write_jsonl`: a random Llama with the local test
+  tokenizer, and prompt/completion data of given token lengths.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -124,11 +131,14 @@ class StoreStats:
         return self.targets_bytes + self.post_bytes
 
 
-def write_safety_tokens(store: Store, num_safety: int, seed: int = 0) -> np.ndarray:
-    """Save a random safety set of `num_safety` ids in a 32k vocabulary; return the ids [S]."""
+def write_safety_tokens(
+    store: Store, num_safety: int, seed: int = 0, vocab_size: int = VOCAB_SIZE
+) -> np.ndarray:
+    """Save a random safety set of `num_safety` ids in a `vocab_size` vocabulary (32k by
+    default); return the ids [S]."""
     rng = np.random.default_rng(seed)
-    vector = np.zeros(VOCAB_SIZE, np.float32)
-    ids = np.sort(rng.choice(np.arange(1, VOCAB_SIZE), num_safety, replace=False))
+    vector = np.zeros(vocab_size, np.float32)
+    ids = np.sort(rng.choice(np.arange(1, vocab_size), num_safety, replace=False))
     vector[ids] = rng.standard_normal(num_safety).astype(np.float32) + 1e-3
     safety = safety_set_from_vector(vector)
     values = vector[safety.token_ids].astype(float)
@@ -308,3 +318,183 @@ def fmt(value: float, digits: int = 3) -> str:
     if value >= 10 ** digits:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+# -- fresh processes without the import cost -------------------------------------------
+
+
+def process_memory_mb() -> dict[str, float]:
+    """This process's resident set now (`rss_mb`) and its high-water mark (`peak_mb`), MiB
+    (VmRSS / VmHWM of /proc/self/status, Linux)."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                found[key] = int(value.split()[0]) / 1024.0
+    return {"rss_mb": found["VmRSS"], "peak_mb": found["VmHWM"]}
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current RSS (writes 5 to /proc/self/clear_refs), so
+    `process_memory_mb()["peak_mb"]` afterwards is the peak of what follows."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+def pin_mmap_threshold(threshold: int = DEFAULT_MMAP_THRESHOLD) -> None:
+    """Fix glibc's mmap threshold for this process (mallopt M_MMAP_THRESHOLD).
+
+    By default glibc raises the threshold to the size of each freed mmapped block (up to
+    32 MiB), so later blocks of that size come from the heap and stay resident after
+    they are freed: the peak RSS then depends on the order of earlier frees, by 10% and
+    more for a training step. Pinned, every block >= `threshold` is mapped and unmapped
+    with its tensor, and the peak RSS follows the live memory (as CUDA's max allocated
+    does). RuntimeError where mallopt is unavailable or refuses (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold):
+        raise RuntimeError("cannot pin the mmap threshold: glibc mallopt is unavailable")
+
+
+@dataclass
+class ChildResult:
+    """What a function returned in a fresh process, and that process's memory (MiB)."""
+
+    value: Any
+    start_rss_mb: float  # resident set when the function started (the preloaded imports)
+    peak_rss_mb: float  # VmHWM of the process when the function returned
+
+
+def _child_entry(function: Callable[..., Any], args: tuple, connection: Any) -> None:
+    try:
+        start = process_memory_mb()["rss_mb"]
+        value = function(*args)
+        connection.send(("ok", value, start, process_memory_mb()["peak_mb"]))
+    except BaseException as exc:  # reported to the parent as one line
+        connection.send(("error", f"{type(exc).__name__}: {exc}", 0.0, 0.0))
+    finally:
+        connection.close()
+
+
+# A forked child re-imports the parent's `python -m bench.x` module as __mp_main__; runpy
+# then warns that the module is already in sys.modules. Harmless here: keep the log clean.
+warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package", category=RuntimeWarning)
+
+
+# What the forkserver imports once; every ForkedRunner of a process shares one server.
+TORCH_PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft",
+                 "pipeline.precompute", "trainer.train")
+
+
+class ForkedRunner:
+    """Runs a function in a fresh process per call, forked from a server that imported
+    `preload` once (multiprocessing's forkserver).
+
+    Each call is a new process with its own peak RSS, like `peak_rss_mb`, but starts in
+    well under a second instead of paying the Python start and the torch/transformers
+    imports (10-20 s on a loaded 2-core machine). The server runs nothing but imports, so
+    no torch thread pool or CUDA context is inherited. `function` must be a module-level
+    function and its arguments and result picklable. The forkserver is per Python process:
+    `preload` only applies if no forkserver is running yet (so all runners use the default).
+    """
+
+    def __init__(self, preload: tuple[str, ...] = TORCH_PRELOAD) -> None:
+        import multiprocessing
+
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(list(preload))
+
+    def run(self, function: Callable[..., Any], *args: Any, timeout_s: float = 600.0) -> ChildResult:
+        """`function(*args)` in a fresh process; RuntimeError with the child's exception line
+        when it raised, died, or ran past `timeout_s`."""
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_child_entry, args=(function, args, send))
+        process.start()
+        send.close()
+        try:
+            if not receive.poll(timeout_s):
+                process.kill()
+                raise RuntimeError(f"{function.__name__} ran past {timeout_s:g} s in its child process")
+            try:
+                status, value, start, peak = receive.recv()
+            except EOFError:
+                process.join()
+                raise RuntimeError(f"{function.__name__}: child process died (exit {process.exitcode})") from None
+        finally:
+            receive.close()
+            process.join()
+        if status != "ok":
+            raise RuntimeError(f"{function.__name__} failed in its child process: {value}")
+        return ChildResult(value, start, peak)
+
+
+# -- local models and data -------------------------------------------------------------
+
+WORDS = (
+    "the a movie film review great terrible story cat dog fox quick brown lazy jumps over "
+    "sure here is how to do it first you take thing and then other cannot help with that "
+    "request sorry hello world how are you today tell me about positive negative neutral"
+).split()
+
+
+def save_llama(directory: str | os.PathLike, model: dict[str, Any], *, seed: int = 0, max_positions: int = 512) -> dict[str, Any]:
+    """A LlamaForCausalLM with random weights from `LlamaConfig(**model)` (untied head) and
+    the local byte-level BPE tokenizer of tests/tiny.py, saved (safetensors) to `directory`.
+
+    The model's vocabulary may be larger than the tokenizer's (~260 tokens): the extra
+    rows are never fed as input but take part in every softmax, so the compute and
+    memory are those of a `vocab_size` model. Returns parameters, vocab size, config.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import make_tokenizer
+
+    directory = Path(directory)
+    tokenizer = make_tokenizer(directory)
+    if model["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size {model['vocab_size']} is below the tokenizer's {len(tokenizer)} tokens")
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=max_positions, tie_word_embeddings=False, **model)
+    llama = LlamaForCausalLM(config)
+    llama.save_pretrained(str(directory), safe_serialization=True)
+    return {"parameters": sum(p.numel() for p in llama.parameters()), "vocab_size": model["vocab_size"], "config": dict(model)}
+
+
+def _words_of_tokens(tokenizer: Any, rng: np.random.Generator, tokens: int) -> str:
+    """Random words from WORDS cut to `tokens` tokens of `tokenizer` (re-encoding may shift it by one or two)."""
+    words: list[str] = []
+    while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
+        words += list(rng.choice(WORDS, 16))
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids).strip()
+
+
+def synthetic_rows(tokenizer: Any, count: int, prompt_tokens: int, response_tokens: int, seed: int = 0) -> list[dict[str, str]]:
+    """`count` distinct prompt/completion rows of random words, about `prompt_tokens` and
+    `response_tokens` tokens long; with max_length = prompt + response (+ template tokens)
+    the shared encoding cuts each response to fill the sequence exactly."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "id": f"ex-{index}",
+            "prompt": _words_of_tokens(tokenizer, rng, prompt_tokens),
+            "completion": _words_of_tokens(tokenizer, rng, response_tokens),
+        }
+        for index in range(count)
+    ]
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Rows as JSON lines; returns the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

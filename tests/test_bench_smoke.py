@@ -134,3 +134,169 @@ def test_help_runs_as_a_script(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout and "--out" in done.stdout
+
+
+# -- training cost and precompute overhead (bench_train, bench_precompute) --------------------
+
+from bench import bench_precompute, bench_train  # noqa: E402
+from bench.common import (  # noqa: E402
+    ForkedRunner,
+    process_memory_mb,
+    reset_peak_rss,
+    save_llama,
+    synthetic_rows,
+    write_jsonl,
+)
+
+
+def _allocate_mib(mib: int) -> float:
+    """In a child: hold `mib` MiB of touched memory, return how much was held."""
+    import numpy as np
+
+    block = np.ones(mib * 2**20 // 8)
+    return float(block.nbytes / 2**20)
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_forked_runner_runs_fresh_processes_and_reports_their_peak():
+    runner = ForkedRunner()
+    small = runner.run(_allocate_mib, 1)
+    big = runner.run(_allocate_mib, 300)
+    assert big.value == 300.0
+    assert big.peak_rss_mb - big.start_rss_mb > 250 > small.peak_rss_mb - small.start_rss_mb
+    with pytest.raises(RuntimeError, match="_fail failed in its child process: ValueError: boom"):
+        runner.run(_fail, "boom")
+
+
+def test_reset_peak_rss_forgets_an_earlier_peak():
+    import numpy as np
+
+    block = np.ones(100 * 2**20 // 8)  # 100 MiB, touched
+    del block
+    before = process_memory_mb()
+    reset_peak_rss()
+    after = process_memory_mb()
+    assert after["peak_mb"] <= before["peak_mb"]
+    assert after["peak_mb"] == pytest.approx(after["rss_mb"], abs=5)
+
+
+def test_synthetic_rows_encode_to_exactly_the_sequence_length(tmp_path):
+    from pipeline.data import load_examples
+    from pipeline.encoding import EncodingOptions, encode_example
+    from pipeline.models import load_tokenizer
+
+    save_llama(tmp_path / "m", dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    tokenizer = load_tokenizer(tmp_path / "m")
+    rows = synthetic_rows(tokenizer, 5, prompt_tokens=20, response_tokens=30, seed=1)
+    assert len({r["completion"] for r in rows}) == 5
+    encoded = [encode_example(tokenizer, e, EncodingOptions(max_length=50))
+               for e in load_examples(write_jsonl(tmp_path / "d.jsonl", rows)).examples]
+    assert [len(e.input_ids) for e in encoded] == [50] * 5
+    assert all(e.truncated and e.response_length >= 20 for e in encoded)
+    with pytest.raises(ValueError, match="below the tokenizer"):
+        save_llama(tmp_path / "n", dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+
+
+def test_naive_pass_computes_what_the_chunked_head_computes(tmp_path):
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.precompute import reference_targets
+
+    save_llama(tmp_path / "m", dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    model = load_model(tmp_path / "m", device="cpu")
+    ids = torch.randint(0, 260, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    starts, lengths = [2, 3, 5], [6, 5, 4]
+    safety = torch.tensor([3, 50, 399])
+    positions = torch.tensor([(row, s + t) for row, (s, n) in enumerate(zip(starts, lengths, strict=True)) for t in range(n)])
+    with torch.inference_mode():
+        chunked = reference_targets(model, ids, mask, positions, safety, chunk=4)
+        naive = bench_precompute._naive_pass(model, ids, mask, starts, lengths, safety)
+    assert torch.allclose(torch.cat([s for s, _ in naive]), chunked["safety_logprobs"], atol=1e-5)
+    assert torch.allclose(torch.cat([e for _, e in naive]), chunked["entropy"], atol=1e-5)
+
+
+def test_train_benchmark_quick(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pact-online" in printed and f"wrote {out}" in printed
+    result = json.loads(out.read_text())
+    variants = result["variants"]
+    for finetune in ("full", "lora"):
+        block = variants[finetune]
+        sft, cached, online = block["sft"], block["pact-cached"], block["pact-online"]
+        for entry in (sft, cached, online):
+            assert entry["step"]["runs"] == 2 and len(entry["memory_all_mb"]) == 2
+            assert entry["memory_mb"] > entry["memory_loaded_mb"] > 0
+        assert cached["memory_over_sft"] == pytest.approx(cached["memory_mb"] / sft["memory_mb"])
+        assert cached["meets_step_goal"] == (cached["step_over_sft"] <= bench_train.STEP_GOAL)
+        # Same first batch, same weights and seed: cached and online targets give the same
+        # first loss; SFT's lacks the KL term.
+        assert cached["losses_memory_run"][0] == pytest.approx(online["losses_memory_run"][0], rel=1e-4)
+        assert cached["losses_memory_run"][0] > sft["losses_memory_run"][0]
+        assert block["forward_no_grad"]["runs"] == block["online_targets"]["runs"] == 2
+    assert variants["lora"]["sft"]["trainable_parameters"] < variants["full"]["sft"]["trainable_parameters"]
+    assert variants["full"]["pact-online"]["weights_copy_mb"] > 0 == variants["lora"]["pact-online"]["weights_copy_mb"]
+    assert result["world"]["response_tokens_per_example"] > 0
+
+
+def test_precompute_benchmark_quick(tmp_path, capsys):
+    out = tmp_path / "precompute.json"
+    assert bench_precompute.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert "naive / chunked" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    overhead = result["overhead"]
+    assert overhead["precompute"]["runs"] == overhead["bare_forward"]["runs"] == 2
+    assert overhead["precompute_over_bare"] == pytest.approx(overhead["precompute"]["median_s"] / overhead["bare_forward"]["median_s"])
+    assert 0 < overhead["precompute_compute_loop"]["median_s"] < overhead["precompute"]["median_s"]
+    assert overhead["distinct_responses"] == overhead["examples"] == 6
+    dedup = result["dedup"]
+    if "skipped" in dedup:
+        assert "not found" in dedup["skipped"]
+    else:  # the sst2 set: two labels repeat, the harmful answers are distinct
+        assert dedup["full_context_sequences"] == dedup["post_only_without_dedup"]["sequences"] == dedup["examples"] == 40
+        assert dedup["post_only_with_dedup"]["sequences"] == dedup["distinct_responses"] < 40
+        assert dedup["saving_sequences"] == pytest.approx(1 - dedup["distinct_responses"] / 40)
+    memory = result["memory"]
+    assert [(p["vocab_size"], p["batch_size"]) for p in memory["points"]] == [(300, 2), (600, 2), (1200, 2), (600, 1), (600, 4)]
+    for point in memory["points"]:
+        assert len(point["chunked_all_mb"]) == len(point["naive_all_mb"]) == 2
+        assert point["positions"] == point["batch_size"] * 32
+
+
+def test_precompute_dedup_is_skipped_with_a_note_without_the_data(tmp_path):
+    args = bench_precompute.parse_args(["--quick", "--device", "cpu", "--dedup-data", str(tmp_path / "missing.json")])
+    result = bench_precompute.measure_dedup(args, tmp_path)
+    assert result == {"skipped": f"{tmp_path / 'missing.json'} not found: the dedup measure needs the shared sst2 set"}
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        (bench_train, ["--memory-steps", "1"], "--memory-steps must be >= 2 (the second step holds the AdamW states too), got 1"),
+        (bench_train, ["--quick", "--seq-len", "10"], "--seq-len 10 leaves no room for a response; give at least 16"),
+        (bench_train, ["--rounds", "0"], "argument --rounds: 0 must be >= 1"),
+        (bench_precompute, ["--quick", "--num-safety", "300"], "--num-safety 300 must be below the smallest vocabulary measured"),
+        (bench_precompute, ["--dedup-rows", "0"], "argument --dedup-rows: 0 must be >= 1"),
+    ],
+)
+def test_bad_training_and_precompute_options_fail_with_one_clear_line(script, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize("module", ["bench.bench_train", "bench.bench_precompute"])
+def test_training_and_precompute_help_runs_as_a_script(module):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--device" in done.stdout
