@@ -316,6 +316,7 @@ def logit_stats(
         if token is not None:
             rows = target_ids[start:stop].to(hidden.device).view(-1, 1)
             token[start:stop] = logprobs.gather(1, rows).view(-1)
+        del logprobs  # free this chunk before the next one is computed
     result = {"safety_logprobs": safety, "entropy": entropy}
     if token is not None:
         result["token_logprob"] = token
