@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ from bench.common import (
     ForkedRunner,
     alternate,
     base_parser,
+    bench_workdir,
     check_workdir,
     fmt,
     machine,
@@ -542,10 +541,7 @@ def tables(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
     started = time.time()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pact-bench-precompute-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    previous_cache = os.environ.get("PACT_CACHE_DIR")
-    try:
+    with bench_workdir(args.workdir, "pact-bench-precompute-", hash_cache=False) as workdir:
         import torch
 
         result: dict[str, Any] = {"benchmark": "precompute", "quick": args.quick, "machine": machine()}
@@ -560,13 +556,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["memory"] = measure_memory(args, workdir)
         result["seconds_total"] = time.time() - started
         return result
-    finally:
-        if previous_cache is None:
-            os.environ.pop("PACT_CACHE_DIR", None)
-        else:
-            os.environ["PACT_CACHE_DIR"] = previous_cache
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

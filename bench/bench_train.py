@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any
 from bench.common import (
     ForkedRunner,
     base_parser,
+    bench_workdir,
     check_workdir,
     fmt,
     machine,
@@ -425,11 +424,7 @@ def table(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
     started = time.time()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pact-bench-train-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    previous_cache = os.environ.get("PACT_CACHE_DIR")
-    os.environ["PACT_CACHE_DIR"] = str(workdir / "cache")  # weight hashes: not in the user's ~/.cache
-    try:
+    with bench_workdir(args.workdir, "pact-bench-train-", hash_cache=True) as workdir:
         import torch
 
         result: dict[str, Any] = {"benchmark": "train", "quick": args.quick, "machine": machine()}
@@ -443,13 +438,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["variants"] = measure(args, result["world"], workdir)
         result["seconds_total"] = time.time() - started
         return result
-    finally:
-        if previous_cache is None:
-            os.environ.pop("PACT_CACHE_DIR", None)
-        else:
-            os.environ["PACT_CACHE_DIR"] = previous_cache
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

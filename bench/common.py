@@ -17,16 +17,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -311,6 +314,27 @@ def check_workdir(parser: argparse.ArgumentParser, workdir: Path | None) -> None
         return
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         parser.error(f"--workdir {workdir} is not an empty directory; give a new or empty one")
+
+
+@contextlib.contextmanager
+def bench_workdir(workdir: Path | None, prefix: str, *, hash_cache: bool) -> Iterator[Path]:
+    """The benchmark's work directory (a temporary one, removed after, when `workdir` is
+    None). PACT_CACHE_DIR is restored afterwards; with `hash_cache` it points into the
+    work directory meanwhile, so weight hashes stay out of the user's ~/.cache."""
+    path = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    path.mkdir(parents=True, exist_ok=True)
+    previous_cache = os.environ.get("PACT_CACHE_DIR")
+    if hash_cache:
+        os.environ["PACT_CACHE_DIR"] = str(path / "cache")
+    try:
+        yield path
+    finally:
+        if previous_cache is None:
+            os.environ.pop("PACT_CACHE_DIR", None)
+        else:
+            os.environ["PACT_CACHE_DIR"] = previous_cache
+        if workdir is None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def fmt(value: float, digits: int = 3) -> str:

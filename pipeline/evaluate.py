@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from pipeline.data import Example, load_examples
 from pipeline.generation import greedy_generate, prompt_ids
-from pipeline.models import DTYPES, load_model, load_tokenizer, model_fingerprint
+from pipeline.models import DTYPES, file_sha256, load_model, load_tokenizer, model_fingerprint
 from pipeline.probe import (
     ProbeResult,
     check_reference_probe,
@@ -190,9 +190,7 @@ def adapter_fingerprint(base_fingerprint: str, adapter_dir: Path) -> str:
     digest = hashlib.sha256(base_fingerprint.encode())
     for file in files:
         digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        digest.update(file_sha256(file).encode())
     return digest.hexdigest()[:16]
 
 

@@ -40,7 +40,8 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def _check_dir(path: str | os.PathLike, what: str) -> Path:
+def check_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path; PactError `<what> path ... does not exist / is not a directory`."""
     path = Path(path)
     if not path.exists():
         raise PactError(f"{what} path {path} does not exist")
@@ -53,7 +54,7 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     """A tokenizer from a local directory, with a pad token (eos when it has none)."""
     from transformers import AutoTokenizer
 
-    path = _check_dir(path, "tokenizer")
+    path = check_dir(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -86,7 +87,7 @@ def load_model(
     """A causal LM from a local directory of safetensors weights, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
-    path = _check_dir(path, "model")
+    path = check_dir(path, "model")
     weight_files(path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -99,7 +100,16 @@ def load_model(
     return model.to(device).eval()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_file_sha256(path: Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) under PACT_CACHE_DIR or ~/.cache/pact."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -112,11 +122,7 @@ def _file_sha256(path: Path) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    cache[key] = digest.hexdigest()
+    cache[key] = file_sha256(path)
     try:
         from store.atomic import atomic_write_bytes
 
@@ -141,9 +147,9 @@ def config_fingerprint(path: str | os.PathLike) -> str:
 
 def model_fingerprint(path: str | os.PathLike) -> str:
     """Hash of the config and of every safetensors weight file of a model directory."""
-    path = _check_dir(path, "model")
+    path = check_dir(path, "model")
     digest = hashlib.sha256(config_fingerprint(path).encode())
     for file in weight_files(path):
         digest.update(file.name.encode())
-        digest.update(_file_sha256(file).encode())
+        digest.update(_cached_file_sha256(file).encode())
     return digest.hexdigest()[:16]

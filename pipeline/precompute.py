@@ -59,6 +59,7 @@ from pipeline.encoding import (
 )
 from pipeline.models import (
     DTYPES,
+    check_dir,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -571,10 +572,7 @@ def _config_vocab_size(model_dir: Path, trust_remote_code: bool) -> int | None:
     """config vocab_size of a local model directory (checked to exist), or None."""
     from transformers import AutoConfig
 
-    if not model_dir.exists():
-        raise PactError(f"model path {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise PactError(f"model path {model_dir} is not a directory (expected a local model directory)")
+    check_dir(model_dir, "model")
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:

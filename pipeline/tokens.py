@@ -16,7 +16,6 @@ logits that predict refusal token t) p_A,t = softmax(z_A,t / tau), p_B,t likewis
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import sys
@@ -31,6 +30,7 @@ import pyarrow as pa
 
 from pipeline.data import Example, load_examples
 from pipeline.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
+from pipeline.models import check_dir, file_sha256
 from store.atomic import atomic_write_bytes
 from store.errors import PactError
 from store.manifest import Store
@@ -420,15 +420,6 @@ def _fill_refusals(
     return filled, generated
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _config_vocab_size(model_dir: Path) -> int | None:
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -438,15 +429,6 @@ def _config_vocab_size(model_dir: Path) -> int | None:
     if size is None and isinstance(config.get("text_config"), dict):
         size = config["text_config"].get("vocab_size")
     return int(size) if isinstance(size, int) else None
-
-
-def _check_model_dir(path: Path, what: str) -> None:
-    if not path.exists():
-        raise PactError(f"{what} model path {path} does not exist")
-    if not path.is_dir():
-        raise PactError(
-            f"{what} model path {path} is not a directory (expected a local model directory)"
-        )
 
 
 def _check_tokenizer_vocabularies(
@@ -515,8 +497,8 @@ def run_tokens(
         )
     if max_new_tokens < 1:
         raise PactError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    _check_model_dir(aligned_dir, "aligned")
-    _check_model_dir(base_dir, "base")
+    check_dir(aligned_dir, "aligned model")
+    check_dir(base_dir, "base model")
     loaded = load_examples(data_path, data_format, require_response=False)
     examples = loaded.examples
     without_refusal = sum(1 for e in examples if not e.response.strip())
