@@ -114,8 +114,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:500]
 
 
-def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise PactError unless every statement in `sql` is a SELECT.
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
+    """The parsed statements of `sql`; PactError unless every one is a SELECT.
 
     EXPLAIN is refused too: EXPLAIN ANALYZE executes the statement it explains.
     """
@@ -129,6 +129,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         kind = statement.type.name
         if kind not in ALLOWED_STATEMENTS:
             raise PactError(f"pact sql is read-only: {kind} statements are not allowed (only SELECT)")
+    return statements
 
 
 def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
@@ -137,8 +138,7 @@ def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
     con = None
     try:
         con = connect_readonly(store)
-        check_read_only(con, sql)
-        statements = con.extract_statements(sql)
+        statements = check_read_only(con, sql)
         result = None
         for statement in statements:
             result = con.execute(statement)
