@@ -149,8 +149,8 @@ def _child(request: dict[str, Any]) -> None:
     code = 1
     try:
         stdin = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(request["log"] + ".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        err = os.open(request["log"] + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = os.open(request["log"] + ".out", os.O_WRONLY | os.O_TRUNC)
+        err = os.open(request["log"] + ".err", os.O_WRONLY | os.O_TRUNC)
         os.dup2(stdin, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
@@ -177,7 +177,13 @@ def _child(request: dict[str, Any]) -> None:
 
 
 def _run_child(request: dict[str, Any]) -> dict[str, Any]:
-    """Fork, kill after `kill_after` s if still running, reap; the reply for the client."""
+    """Fork, kill after `kill_after` s if still running, reap; the reply for the client.
+
+    The log files are created here, before the fork: a child killed before it could
+    open them still leaves (empty) logs for the client to read.
+    """
+    for suffix in (".out", ".err"):
+        Path(request["log"] + suffix).write_bytes(b"")
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:
