@@ -53,9 +53,10 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console entry point: PactError -> `error: ...` on stderr, exit code 2."""
+    """Console entry point: PactError, OSError and usage errors -> one `error: ...` line on
+    stderr, exit code 2."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="pact")
     except PactError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -66,6 +67,14 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `pact`: the help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        help_hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        click.echo(f"error: {message}{help_hint}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

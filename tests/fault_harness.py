@@ -437,4 +437,5 @@ def model_variant(
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # the checkout under test, whatever pact is installed
     serve(sys.argv[1:])

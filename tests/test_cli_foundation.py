@@ -70,3 +70,21 @@ def test_sql_refuses_writes_with_one_line(tmp_path):
     assert result.stderr.strip() == "error: pact sql is read-only: DROP statements are not allowed (only SELECT)"
     missing = run_pact("sql", tmp_path / "nowhere", "SELECT 1")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path):
+    """Click's usage errors (bad value, unknown option or command, missing argument) print
+    one `error:` line that names the command's --help, not click's multi-line usage block."""
+    cases = [
+        (("data", tmp_path), "Invalid value for 'FILE'", "pact data --help"),
+        (("data", "--nope", "x.jsonl"), "No such option '--nope'", "pact data --help"),
+        (("trian",), "No such command 'trian'", "pact --help"),
+        (("data",), "Missing argument 'FILE'", "pact data --help"),
+    ]
+    for args, message, hint in cases:
+        result = run_pact(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert f"(see '{hint}')" in result.stderr
+        assert "Usage:" not in result.stderr
