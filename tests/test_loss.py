@@ -13,6 +13,7 @@ from trainer.loss import (
     PactTerms,
     constrained_sft_betas,
     constrained_sft_loss,
+    cross_entropy_and_subset,
     pact_gate,
     pact_kl,
     pact_kl_terms,
@@ -603,3 +604,93 @@ def test_constrained_sft_errors() -> None:
         constrained_sft_loss(lp, lp, torch.ones(2, 3), torch.ones(4))
     with pytest.raises(ValueError, match="betas must be finite and > 0"):
         constrained_sft_loss(lp, lp, torch.ones(2, 3), torch.tensor([1.0, 0.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- fused CE + subset
+
+
+def _fused_case(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Logits [3, 9, 13] with prompts ignored, one padded example and a clamped (repeated) step."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 9, 13, generator=g).to(dtype)
+    labels = torch.randint(0, 13, (3, 9), generator=g)
+    labels[:, :4] = -100
+    labels[1, 7:] = -100  # shorter response: padded tail
+    positions = torch.tensor([[3, 4, 5, 6], [3, 4, 5, 6], [5, 6, 7, 8]])
+    positions[1, 3] = 6  # a padded step clamped onto the previous position
+    safety_ids = torch.tensor([0, 2, 7, 12])
+    upstream = torch.randn(3, 4, 4, generator=g)
+    return logits, labels, positions, safety_ids, upstream
+
+
+def _unfused(logits, labels, positions, safety_ids):
+    rows = torch.arange(logits.shape[0])[:, None, None]
+    return response_cross_entropy(logits, labels), logits[rows, positions[..., None], safety_ids]
+
+
+def test_fused_ce_and_subset_equal_the_unfused_values_and_gradients() -> None:
+    logits, labels, positions, safety_ids, upstream = _fused_case()
+    fused_in = logits.clone().requires_grad_(True)
+    plain_in = logits.clone().requires_grad_(True)
+    ce, subset = cross_entropy_and_subset(fused_in, labels, positions, safety_ids)
+    ce_ref, subset_ref = _unfused(plain_in, labels, positions, safety_ids)
+    assert torch.equal(subset, subset_ref)
+    assert float(ce) == pytest.approx(float(ce_ref), abs=1e-6)
+    (3.0 * ce + (subset * upstream).sum()).backward()
+    (3.0 * ce_ref + (subset_ref * upstream).sum()).backward()
+    assert torch.allclose(fused_in.grad, plain_in.grad, atol=1e-6)
+    # the repeated (clamped) position received both steps' gradient
+    assert fused_in.grad[1, 6, 2] != 0
+
+
+def test_fused_ce_alone_equals_response_cross_entropy() -> None:
+    logits, labels, *_ = _fused_case(seed=1)
+    fused_in = logits.clone().requires_grad_(True)
+    plain_in = logits.clone().requires_grad_(True)
+    ce, subset = cross_entropy_and_subset(fused_in, labels)
+    assert subset is None
+    ce.backward()
+    response_cross_entropy(plain_in, labels).backward()
+    assert torch.allclose(fused_in.grad, plain_in.grad, atol=1e-7)
+
+
+def test_fused_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.loss as loss_module
+
+    logits, labels, positions, safety_ids, upstream = _fused_case(seed=2)
+    results = []
+    for chunk_elements in (1 << 22, 26, 13):  # all rows in one chunk; 2 rows; 1 row per chunk
+        monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", chunk_elements)
+        x = logits.clone().requires_grad_(True)
+        ce, subset = cross_entropy_and_subset(x, labels, positions, safety_ids)
+        (ce + (subset * upstream).sum()).backward()
+        results.append((ce.detach(), x.grad))
+    for ce, grad in results[1:]:
+        assert torch.equal(ce, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_fused_keeps_the_logits_dtype_and_computes_ce_in_float32() -> None:
+    logits, labels, positions, safety_ids, upstream = _fused_case(torch.bfloat16, seed=3)
+    x = logits.clone().requires_grad_(True)
+    ce, subset = cross_entropy_and_subset(x, labels, positions, safety_ids)
+    assert ce.dtype == torch.float32 and subset.dtype == torch.bfloat16
+    assert float(ce) == pytest.approx(float(response_cross_entropy(logits, labels)), abs=1e-5)
+    (ce + (subset.float() * upstream).sum()).backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"safety_ids": None}, "positions and safety_ids go together"),
+        ({"positions": torch.zeros(2, 4, dtype=torch.long)}, "positions must be [B, T]"),
+        ({"safety_ids": torch.zeros(0, dtype=torch.long)}, "safety_ids must be a non-empty [S] vector"),
+        ({"labels": torch.full((3, 9), -100)}, "labels have no token to predict"),
+        ({"labels": torch.zeros(3, 8, dtype=torch.long)}, "labels must be [B, L]"),
+    ],
+)
+def test_fused_bad_inputs_say_what_is_wrong(change: dict, message: str) -> None:
+    logits, labels, positions, safety_ids, _ = _fused_case()
+    args = {"labels": labels, "positions": positions, "safety_ids": safety_ids, **change}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cross_entropy_and_subset(logits, **args)

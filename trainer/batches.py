@@ -164,12 +164,18 @@ def gather_steps(values: Tensor, response_start: Tensor, steps: int, offset: int
     response tokens themselves. Positions past the input (padded steps) are clamped:
     they are masked by the caller.
     """
-    t = torch.arange(steps, device=values.device)
-    positions = (response_start.to(values.device)[:, None] + offset + t[None, :]).clamp(
-        0, values.shape[1] - 1
-    )
+    positions = step_positions(response_start.to(values.device), steps, values.shape[1], offset)
     rows = torch.arange(values.shape[0], device=values.device)[:, None]
     return values[rows, positions]
+
+
+def step_positions(response_start: Tensor, steps: int, length: int, offset: int = -1) -> Tensor:
+    """Input positions response_start + offset + t, clamped into [0, length) -> [B, T] (long).
+
+    With offset -1, row t is the position whose logits predict response token t.
+    """
+    t = torch.arange(steps, device=response_start.device)
+    return (response_start[:, None] + offset + t[None, :]).clamp(0, length - 1)
 
 
 def student_subset(

@@ -27,6 +27,7 @@ __all__ = [
     "pact_kl_terms",
     "pact_kl",
     "response_cross_entropy",
+    "cross_entropy_and_subset",
     "token_logprobs",
     "constrained_sft_betas",
     "constrained_sft_loss",
@@ -364,3 +365,95 @@ def constrained_sft_loss(
     loss_t = -(2.0 / b) * F.logsigmoid(b * diff)
     loss_t = torch.where(m > 0, loss_t, torch.zeros_like(loss_t))
     return loss_t.sum() / n_valid.clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- fused
+
+
+_CHUNK_ELEMENTS = 1 << 22  # float32 elements of one row chunk (16 MiB) in the fused pass
+
+
+class _CrossEntropyAndSubset(torch.autograd.Function):
+    """CE over ``[B, L, V]`` logits and their ``[B, T, S]`` safety subset, one gradient buffer.
+
+    Taken apart, ``F.cross_entropy`` keeps a float32 ``[N, V]`` log-softmax and
+    ``logits[..., ids]`` allocates its own dense ``[B, L, V]`` gradient, which autograd
+    then adds to the CE's. Here the backward writes both into one ``[B, L, V]`` buffer
+    and the forward keeps only the logits it was given and one log-sum-exp per row.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, positions, safety_ids):  # noqa: ANN001, ANN205
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        lse = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+        for begin in range(0, rows.shape[0], chunk):
+            lse[begin : begin + chunk] = torch.logsumexp(flat[rows[begin : begin + chunk]].float(), dim=-1)
+        picked = flat[rows, targets].float()
+        ce = (lse - picked).mean()
+        batch = torch.arange(logits.shape[0], device=logits.device)[:, None, None]
+        subset = logits[batch, positions[..., None], safety_ids[None, None, :]]
+        ctx.save_for_backward(logits, rows, targets, lse, positions, safety_ids)
+        return ce, subset
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_subset):  # noqa: ANN001, ANN205
+        logits, rows, targets, lse, positions, safety_ids = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        grad = torch.zeros_like(logits)
+        flat = grad.view(-1, vocab)
+        logits_flat = logits.reshape(-1, vocab)
+        scale = grad_ce.float() / rows.shape[0]
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        for begin in range(0, rows.shape[0], chunk):
+            index = rows[begin : begin + chunk]
+            probs = (logits_flat[index].float() - lse[begin : begin + chunk, None]).exp_()
+            probs[torch.arange(index.shape[0], device=probs.device), targets[begin : begin + chunk]] -= 1.0
+            flat[index] = probs.mul_(scale).to(grad.dtype)
+        if grad_subset is not None and grad_subset.numel():
+            batch = torch.arange(logits.shape[0], device=logits.device)[:, None, None]
+            index = (batch, positions[..., None], safety_ids[None, None, :])
+            grad.index_put_(index, grad_subset.to(grad.dtype), accumulate=True)
+        return grad, None, None, None, None
+
+
+def cross_entropy_and_subset(
+    logits: Tensor, labels: Tensor, positions: Tensor | None = None, safety_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``response_cross_entropy(logits, labels)`` and the safety-subset logits, fused.
+
+    logits [B, L, V]; labels [B, L] (-100 ignored); positions [B, T] the input position
+    whose logits predict response token t (in [0, L)); safety_ids [S] ->
+    (scalar CE in float32, subset [B, T, S] in the logits' dtype, or None when
+    positions and safety_ids are None). Values and gradients equal
+    ``response_cross_entropy`` and ``logits[b, positions[b, t], safety_ids]``; the
+    backward pass allocates one ``[B, L, V]`` gradient, and the forward keeps no
+    float32 copy of the logits.
+    """
+    _check_lm(logits, labels)
+    device = logits.device
+    if (positions is None) != (safety_ids is None):
+        raise ValueError("positions and safety_ids go together: give both or neither")
+    if positions is None:
+        positions = torch.zeros(logits.shape[0], 0, dtype=torch.long, device=device)
+        safety_ids = torch.zeros(0, dtype=torch.long, device=device)
+    elif positions.dim() != 2 or positions.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"shapes disagree: positions {_shape(positions)} vs logits {_shape(logits)} "
+            "(positions must be [B, T])"
+        )
+    elif safety_ids.dim() != 1 or safety_ids.numel() == 0:
+        raise ValueError(f"safety_ids must be a non-empty [S] vector, got shape {_shape(safety_ids)}")
+    length = logits.shape[1]
+    shift_labels = labels[:, 1:].to(device)
+    valid = shift_labels != IGNORE_INDEX
+    if not bool(valid.any()):
+        raise ValueError("labels have no token to predict: the batch has no response tokens")
+    batch_index, position_index = valid.nonzero(as_tuple=True)
+    rows = batch_index * length + position_index
+    targets = shift_labels[batch_index, position_index]
+    ce, subset = _CrossEntropyAndSubset.apply(
+        logits, rows, targets, positions.to(device).long(), safety_ids.to(device).long()
+    )
+    return ce, (subset if safety_ids.numel() else None)
