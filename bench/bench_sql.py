@@ -12,10 +12,11 @@ the views, run, fetch), in alternated rounds after one warm-up round:
 - top_tokens_subset: the 10 safety tokens with the most mass in the full context over a
   quarter of the examples (ids starting with 0-3).
 - drift_two_runs: per-example drift between run A and run B (mean and max |p_B - p_A|
-  over steps and tokens, full context), run B's views attached as schema `run_b`,
-  written over the long `confidences` view (joins 50 rows per step on each side).
+  over steps and tokens, full context), written over the long `confidences` view (joins
+  50 rows per step on each side). Run B is attached the way `pact sql A --attach run_b=B`
+  does it (`store.sql.connect_readonly(A, [("run_b", B)])`), so its views are `run_b.*`.
 - drift_two_runs_steps: the same numbers, joined per step on `targets` and unnested
-  after the join (50x fewer rows through the join).
+  after the join (50x fewer rows through the join): the form docs/store.md recommends.
 - scan (reference point): count and sum over every `confidences` row of run A.
 
 Goal: median < 2 s per query. Run: python -m bench.bench_sql [--quick] [--out bench/results/sql.json]
@@ -50,7 +51,7 @@ from bench.common import (
     write_json,
 )
 from store.manifest import Store
-from store.sql import connect_readonly, create_views
+from store.sql import connect_readonly
 
 GOAL_S = 2.0
 RUN_B_SCHEMA = "run_b"
@@ -100,31 +101,16 @@ QUERIES = {
 TWO_STORE_QUERIES = {"drift_two_runs", "drift_two_runs_steps"}
 
 
-def connect_two_runs(run_a: Store, run_b: Store) -> duckdb.DuckDBPyConnection:
-    """A read-only in-memory connection with run A's views in `main` and run B's in `run_b`.
-
-    `store.sql.connect_readonly` admits one store directory; this applies the same
-    lock-down (no extensions, external access limited to both stores, configuration
-    locked) to two.
-    """
-    con = duckdb.connect(":memory:")
-    create_views(con, run_a)
-    con.execute(f"CREATE SCHEMA {RUN_B_SCHEMA}")
-    con.execute(f"USE memory.{RUN_B_SCHEMA}")
-    create_views(con, run_b)
-    con.execute("USE memory.main")
-    roots = ", ".join("'" + str(s.root.resolve()).replace("'", "''") + "/'" for s in (run_a, run_b))
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
-    con.execute(f"SET allowed_directories = [{roots}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
+def connect(name: str, run_a: Store, run_b: Store) -> duckdb.DuckDBPyConnection:
+    """The read-only connection `pact sql` opens for query `name`: run A, plus run B as
+    schema `run_b` (`pact sql A --attach run_b=B`) for the two-store queries."""
+    attach = [(RUN_B_SCHEMA, run_b)] if name in TWO_STORE_QUERIES else []
+    return connect_readonly(run_a, attach)
 
 
 def run_query(name: str, run_a: Store, run_b: Store) -> list[tuple]:
     """Open the connection, run query `name`, fetch every row, close."""
-    con = connect_two_runs(run_a, run_b) if name in TWO_STORE_QUERIES else connect_readonly(run_a)
+    con = connect(name, run_a, run_b)
     try:
         return con.execute(QUERIES[name]).fetchall()
     finally:
@@ -169,7 +155,7 @@ def build_runs(args: argparse.Namespace, workdir: Path) -> tuple[Store, Store, d
 def profile(name: str, run_a: Store, run_b: Store) -> dict[str, Any]:
     """`EXPLAIN ANALYZE` of query `name`, flattened: wall and CPU seconds, then every
     operator (depth in the plan, name, rows out, CPU seconds summed over threads)."""
-    con = connect_two_runs(run_a, run_b) if name in TWO_STORE_QUERIES else connect_readonly(run_a)
+    con = connect(name, run_a, run_b)
     try:
         plan = json.loads(con.execute("EXPLAIN (ANALYZE, FORMAT json) " + QUERIES[name]).fetchall()[0][1])
     finally:

@@ -4,7 +4,7 @@ computed online, for full fine-tuning and for LoRA: peak memory and median step 
 One model (a Llama config from `LlamaConfig`: ~45M parameters with a 32k vocabulary on CPU,
 ~1B on a GPU), the same data, the same batches for every variant. The store's targets are
 real: `pact precompute` (`pipeline.precompute.run_precompute`) runs the same model over the
-data first. Every measure drives the trainer's own pieces (`trainer.train.prepare_inputs`,
+data first. Every measure drives the trainer's own pieces (`pipeline.training.prepare_inputs`,
 `load_student`, `batch_loss`, `trainer.batches.cached_batch`,
 `trainer.reference.OnlineReference`) through whole optimizer steps.
 
@@ -172,6 +172,7 @@ class TrainerSteps:
 
         from pipeline import models
         from pipeline.encoding import assistant_header_ids
+        from pipeline.training import prepare_inputs
         from trainer.reference import OnlineReference
         from trainer.train import (
             TrainConfig,
@@ -179,7 +180,6 @@ class TrainerSteps:
             _compute_dtype,
             check_config,
             load_student,
-            prepare_inputs,
         )
 
         transformers_logging.disable_progress_bar()
@@ -192,7 +192,7 @@ class TrainerSteps:
         check_config(config)
         self.device = device = models.resolve_device(config.device)
         self.inputs = inputs = prepare_inputs(config)
-        self.model = model = load_student(config, device)
+        self.model = model = load_student(config, device, models.load_model)
         self.autocast = _autocast_factory(device)
         self.safety_ids = self.weights = self.online = None
         if inputs.safety is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pipeline.demo.run import DemoSettings, asset_paths
 from pipeline.evaluate import EvalOptions, run_eval
-from trainer.train import TrainConfig, train
+from pipeline.training import run_train
+from trainer.train import TrainConfig
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 run = Path(work) / f"{method}-{seed}"
-                train(
+                run_train(
                     TrainConfig(
                         model=str(paths["aligned"]), data=str(paths["finetune"]), out=str(run), store=args.store,
                         method=method, kl_weight=settings.kl_weight if method == "pact" else 1.0, finetune="full",

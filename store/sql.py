@@ -3,10 +3,15 @@
 Views: `safety_tokens`, `targets`, `post_targets`, `confidences` (long form:
 example_id, step, context 'full'|'post', token_id, token, logprob, prob),
 `metrics`, `evals`. Only parts registered in the manifest are visible.
+Other stores can be attached under a name: their views live in a schema of that
+name (`b.targets`), on the same locked-down connection.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import duckdb
@@ -18,6 +23,10 @@ from store.tables import EVALS_SCHEMA, METRICS_SCHEMA
 from store.targets import check_part_schema, post_schema, targets_schema
 
 ALLOWED_STATEMENTS = {"SELECT"}
+VIEWS = ("safety_tokens", "targets", "post_targets", "metrics", "evals", "confidences")
+# Catalogs and schemas DuckDB already has (`temp` and `system` are both).
+TAKEN_NAMES = {"main", "memory", "temp", "system", "pg_catalog", "information_schema"}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _quote(text: str) -> str:
@@ -51,8 +60,12 @@ def _files_view(paths: list[str], schema: Any) -> str:
     return f"SELECT * FROM read_parquet([{listing}], union_by_name = true)"
 
 
-def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
-    """Create the store's views on `con` (any connection, in-memory is fine)."""
+def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "main") -> None:
+    """Create the store's views in `schema` of `con` (any connection, in-memory is fine).
+
+    `schema` must exist and be a plain identifier (see `check_attach_name`); `confidences`
+    reads the views of its own schema.
+    """
     manifest = store.require()
     num_safety = (manifest.get("safety_tokens") or {}).get("count", 1)
     root = store.root.resolve()
@@ -71,42 +84,103 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         "evals": _files_view(sorted(str(p) for p in (root / "evals").glob("*.parquet")), EVALS_SCHEMA),
     }
     for name, query in views.items():
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")
+        con.execute(f"CREATE OR REPLACE VIEW {schema}.{name} AS {query}")
     con.execute(
-        """
-        CREATE OR REPLACE VIEW confidences AS
+        f"""
+        CREATE OR REPLACE VIEW {schema}.confidences AS
         SELECT t.example_id, t.step, 'full' AS context, s.token_id, s.token,
                CAST(t.full_logprobs[s.idx + 1] AS DOUBLE) AS logprob,
                exp(CAST(t.full_logprobs[s.idx + 1] AS DOUBLE)) AS prob
-        FROM targets t CROSS JOIN safety_tokens s
+        FROM {schema}.targets t CROSS JOIN {schema}.safety_tokens s
         UNION ALL
         SELECT t.example_id, t.step, 'post' AS context, s.token_id, s.token,
                CAST(p.post_logprobs[s.idx + 1] AS DOUBLE) AS logprob,
                exp(CAST(p.post_logprobs[s.idx + 1] AS DOUBLE)) AS prob
-        FROM targets t
-        JOIN (SELECT DISTINCT ON (response_hash, step) * FROM post_targets) p
+        FROM {schema}.targets t
+        JOIN (SELECT DISTINCT ON (response_hash, step) * FROM {schema}.post_targets) p
           ON p.response_hash = t.response_hash AND p.step = t.step
-        CROSS JOIN safety_tokens s
+        CROSS JOIN {schema}.safety_tokens s
         """
     )
 
 
-def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's views, able to read only the store.
-
-    External access is limited to the store directory, extensions cannot be
-    installed or loaded, and the configuration is locked.
-    """
+@functools.cache
+def _keywords() -> frozenset[str]:
+    """DuckDB keywords that cannot name a schema written without quotes (all but the
+    unreserved ones)."""
     con = duckdb.connect(":memory:")
-    create_views(con, store)
-    root = str(store.root.resolve())
-    con.execute("SET temp_directory = ''")
-    con.execute("SET enable_progress_bar = false")
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
-    con.execute(f"SET allowed_directories = [{_quote(root + '/')}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+    try:
+        rows = con.execute("SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'").fetchall()
+    finally:
+        con.close()
+    return frozenset(row[0].lower() for row in rows)
+
+
+def check_attach_name(name: str) -> str:
+    """`name` if it can name an attached store's schema; PactError saying why not.
+
+    A plain SQL identifier (letters, digits, `_`, not starting with a digit), usable
+    without quotes: not a DuckDB keyword, not a catalog or schema DuckDB has already
+    (`main`, `memory`, `temp`, `system`, ...), not one of the view names.
+    """
+    if not _IDENTIFIER.fullmatch(name):
+        raise PactError(
+            f"attach name {name[:40]!r} is not a plain SQL identifier (letters, digits and _, not starting with a digit)"
+        )
+    lowered = name.lower()
+    if lowered in TAKEN_NAMES:
+        raise PactError(f"attach name {name!r} is taken by DuckDB (as are {', '.join(sorted(TAKEN_NAMES))}); choose another name")
+    if lowered in VIEWS:
+        raise PactError(f"attach name {name!r} is a view name; choose another name")
+    if lowered in _keywords():
+        raise PactError(f"attach name {name!r} is an SQL keyword; choose another name")
+    return name
+
+
+def check_attachments(attach: Iterable[tuple[str, Store]]) -> list[tuple[str, Store]]:
+    """The (name, store) pairs with every name checked and no name twice (DuckDB names
+    ignore case); PactError otherwise. The stores are not opened here."""
+    pairs = list(attach)
+    seen: dict[str, str] = {}
+    for name, _ in pairs:
+        check_attach_name(name)
+        if name.lower() in seen:
+            first = seen[name.lower()]
+            also = "" if first == name else f" (as {first!r} too; SQL names ignore case)"
+            raise PactError(f"attach name {name!r} is given twice{also}")
+        seen[name.lower()] = name
+    return pairs
+
+
+def connect_readonly(store: Store, attach: Iterable[tuple[str, Store]] = ()) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views, able to read only the stores.
+
+    The views of each attached (name, store) are created in a schema `name`
+    (`name.targets`, ...). External access is limited to the store directories,
+    extensions cannot be installed or loaded, and the configuration is locked.
+    """
+    pairs = check_attachments(attach)
+    con = duckdb.connect(":memory:")
+    try:
+        create_views(con, store)
+        for name, other in pairs:
+            con.execute(f"CREATE SCHEMA {name}")
+            try:
+                create_views(con, other, schema=name)
+            except PactError as exc:
+                raise PactError(f"attached store {name}: {exc}") from None
+        roots = [store.root.resolve()] + [other.root.resolve() for _, other in pairs]
+        allowed = ", ".join(_quote(str(root).rstrip("/") + "/") for root in roots)
+        con.execute("SET temp_directory = ''")
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute(f"SET allowed_directories = [{allowed}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
@@ -132,12 +206,13 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     return statements
 
 
-def query(store: Store, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run read-only `sql` against the store; return (column names, rows)."""
+def query(store: Store, sql: str, attach: Iterable[tuple[str, Store]] = ()) -> tuple[list[str], list[tuple]]:
+    """Run read-only `sql` against the store (and the attached (name, store) pairs, as
+    schemas `name`); return (column names, rows)."""
     store.require()
     con = None
     try:
-        con = connect_readonly(store)
+        con = connect_readonly(store, attach)
         statements = check_read_only(con, sql)
         result = None
         for statement in statements:

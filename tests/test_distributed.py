@@ -9,7 +9,6 @@ runs several trainings), so the suite pays the start-up of 2 processes three tim
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from pipeline.precompute import (
     shard_of,
     torchrun_defaults,
 )
+from pipeline.training import run_train
 from store.errors import PactError
 from store.manifest import Store
 from store.sql import query
@@ -43,7 +43,7 @@ from store.targets import TargetReader
 from trainer import checkpoint, distributed
 from trainer.batches import epoch_batches, rank_share
 from trainer.distributed import Ranks
-from trainer.train import TrainConfig, TrainResult, train
+from trainer.train import TrainConfig, TrainResult
 
 pytestmark = pytest.mark.slow
 LAUNCH_TIMEOUT_S = 300
@@ -160,7 +160,8 @@ SCENARIOS = textwrap.dedent(
     from pipeline.cli import cli
     from store.errors import PactError
     from trainer import distributed
-    from trainer.train import TrainConfig, train
+    from pipeline.training import run_train
+    from trainer.train import TrainConfig
 
     spec = json.loads(open(sys.argv[1]).read())
     train_module = importlib.import_module("trainer.train")
@@ -177,12 +178,12 @@ SCENARIOS = textwrap.dedent(
     with distributed.process_group("cpu") as ranks:
         cli.main(args=spec["cli"], standalone_mode=False)
         for values in spec["configs"]:
-            train(TrainConfig(**values))
+            run_train(TrainConfig(**values))
         for name in ("changed", "nan"):
             if name == "nan":
                 train_module.batch_loss = poisoned_loss
             try:
-                train(TrainConfig(**spec[name]))
+                run_train(TrainConfig(**spec[name]))
             except PactError as exc:
                 open(spec["stopped"].format(name=name, rank=ranks.rank), "w").write(str(exc))
     """
@@ -210,8 +211,8 @@ def runs(world: World, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PACT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-        single_full = train(config_for(world, root / "single-full"))
-        single_lora = train(config_for(world, root / "single-lora", finetune="lora", lora_dropout=0.0))
+        single_full = run_train(config_for(world, root / "single-full"))
+        single_lora = run_train(config_for(world, root / "single-lora", finetune="lora", lora_dropout=0.0))
     resumable_copy(single_full.run_dir, root / "fsdp-resumed", step=2)
     rows = data_rows()[:9]
     rows[1] = dict(rows[1], completion="A different answer, so another token hash.")
@@ -335,8 +336,8 @@ def test_resume_on_one_process_from_a_two_rank_checkpoint(
         r"--resume: step-2 was trained with 2 rank\(s\) x --batch-size 1 examples per micro-batch, "
         r"this run has 1 x 1; keep the global micro-batch: pass --batch-size 2"
     )):  # fmt: skip
-        train(config_for(world, copy, batch_size=1, resume=True))
-    resumed = train(config_for(world, copy, resume=True))
+        run_train(config_for(world, copy, batch_size=1, resume=True))
+    resumed = run_train(config_for(world, copy, resume=True))
     assert resumed.steps == 4
     assert_close_weights(weights_of(copy), weights_of(runs.single_full.run_dir), atol=FP_TOLERANCE)
     assert_same_curves(resumed.metrics, runs.single_full.metrics)
@@ -376,11 +377,10 @@ class _RecordingReader(TargetReader):
 def test_targets_memory_budget_below_the_cache_trains_the_same(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # trainer/__init__ exports the function `train`, which shadows the submodule's attribute name
-    monkeypatch.setattr(importlib.import_module("trainer.train"), "TargetReader", _RecordingReader)
+    monkeypatch.setattr("pipeline.training.TargetReader", _RecordingReader)  # prepare_inputs reads the targets
     _RecordingReader.instances = []
-    roomy = train(config_for(world, tmp_path / "roomy", finetune="lora", save_every=0))
-    tight = train(config_for(world, tmp_path / "tight", finetune="lora", save_every=0, targets_memory_mb=1e-4))
+    roomy = run_train(config_for(world, tmp_path / "roomy", finetune="lora", save_every=0))
+    tight = run_train(config_for(world, tmp_path / "tight", finetune="lora", save_every=0, targets_memory_mb=1e-4))
     unlimited, bounded = _RecordingReader.instances
     whole_cache = unlimited.peak_bytes  # every row group the run read, never evicted
     budget = int(1e-4 * 2**20)
@@ -405,7 +405,7 @@ def test_targets_memory_budget_below_the_cache_trains_the_same(
 )
 def test_distributed_options_refused(world: World, tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(PactError, match=message):
-        train(config_for(world, tmp_path / "run", **overrides))
+        run_train(config_for(world, tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
 
 
@@ -441,7 +441,7 @@ def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
         captured["config"] = config
         return TrainResult(Path(config.out), "r", 0, [], None, None)
 
-    monkeypatch.setattr(command_module, "train", fake_train)
+    monkeypatch.setattr(command_module, "run_train", fake_train)
     args = ["--model", "M", "--data", "D", "--out", "RUN", "--finetune", "full", "--targets-memory-mb", "64", "--fsdp"]
     result = CliRunner().invoke(command_module.train_command, args)
     assert result.exit_code == 0, result.output

@@ -1,5 +1,6 @@
 """Security: weights only through safetensors, no unpickling, no remote code unless asked,
-`pact sql` read-only and confined to the store, manifest paths relative and inside the store.
+`pact sql` read-only and confined to the store (and the stores it attaches), manifest paths
+relative and inside the store.
 
 Static guards (an AST scan of pipeline/, trainer/, store/) cover what cannot be exercised;
 everything else runs: tiny models built here, `pact sql` through `pipeline.cli.main` (a
@@ -358,6 +359,33 @@ SQL_CASES = [
     ("control_with_cte", "WITH t AS (SELECT * FROM targets) SELECT count(*) FROM t", OK),
     ("control_read_inside_store", "SELECT count(*) FROM read_text('{store}/manifest.json')", OK),
     ("control_glob_inside_store", "SELECT count(*) FROM glob('{store}/targets/*.parquet')", OK),
+    # `attached_*` cases run with `--attach b={other}`: {other} is the attached store (holding
+    # link.csv -> outside/secret.csv), {sibling} a directory beside it whose name starts with
+    # the attached store's name. The attached store is as closed as the main one.
+    ("attached_copy_over_its_manifest", "COPY (SELECT 1 AS a) TO '{other}/manifest.json' (FORMAT csv)", READ_ONLY.format("COPY")),
+    ("attached_copy_new_part_into_it", "COPY (SELECT * FROM b.targets) TO '{other}/targets/part-evil.parquet'",
+     READ_ONLY.format("COPY")),
+    ("attached_copy_its_targets_outside", "COPY b.targets TO '{outside}/leak.parquet'", READ_ONLY.format("COPY")),
+    ("attached_explain_analyze_copy_into_it", "EXPLAIN ANALYZE COPY (SELECT 1 AS a) TO '{other}/x.csv'",
+     READ_ONLY.format("EXPLAIN")),
+    ("attached_drop_view", "DROP VIEW b.targets", READ_ONLY.format("DROP")),
+    ("attached_drop_schema", "DROP SCHEMA b CASCADE", READ_ONLY.format("DROP")),
+    ("attached_create_view_in_it", "CREATE VIEW b.evil AS SELECT 1", READ_ONLY.format("CREATE")),
+    ("attached_sql_attach_in_its_dir", "ATTACH '{other}/evil.duckdb' AS evil", READ_ONLY.format("ATTACH")),
+    ("attached_sql_attach_outside_read_only", "ATTACH '{outside}/x.duckdb' AS x (READ_ONLY)", READ_ONLY.format("ATTACH")),
+    ("attached_select_then_attach", "SELECT 1; ATTACH '{other}/evil.duckdb'", READ_ONLY.format("ATTACH")),
+    ("attached_use_schema", "USE b", READ_ONLY.format("SET")),
+    ("attached_widen_allowed_directories", "SET allowed_directories = ['{other}/', '{outside}/']", READ_ONLY.format("SET")),
+    ("attached_read_csv_outside_both", "SELECT * FROM read_csv('{outside}/secret.csv')", DENIED),
+    ("attached_read_text_traversal_from_it", "SELECT * FROM read_text('{other}/../outside/secret.csv')", DENIED),
+    ("attached_read_text_sibling_with_same_prefix", "SELECT * FROM read_text('{sibling}/secret.csv')", DENIED),
+    ("attached_symlink_in_it", "SELECT * FROM read_text('{other}/link.csv')", DENIED),
+    ("attached_glob_outside_both", "SELECT * FROM glob('{outside}/*')", DENIED),
+    ("attached_parquet_outside_joined_to_it",
+     "SELECT * FROM b.targets, read_parquet('{outside}/secret.parquet')", DENIED),
+    ("attached_control_join_both_stores", "SELECT count(*) FROM targets a JOIN b.targets b USING (example_id, step)", OK),
+    ("attached_control_read_inside_it", "SELECT count(*) FROM read_text('{other}/manifest.json')", OK),
+    ("attached_control_its_confidences", "SELECT count(*) FROM b.confidences", OK),
 ]
 
 
@@ -391,16 +419,28 @@ def template_store(tmp_path_factory) -> Store:
     return store
 
 
-def _prepare(tmp_path: Path, template: Store, sql: str) -> tuple[Store, str]:
+def _prepare(tmp_path: Path, template: Store, sql: str) -> tuple[Store, Store, str]:
+    """The main store, the store to attach as `b` (`case/other`, a copy of `template` plus
+    link.csv -> outside) and `sql` with its paths filled in; `case/other_evil` holds a secret
+    beside the attached store."""
     store, outside = _store_with_outside(tmp_path / "case", template)
-    return store, sql.format(store=store.root.resolve(), outside=outside.resolve())
+    other = Store(tmp_path / "case" / "other")
+    shutil.copytree(template.root, other.root)
+    (other.root / "link.csv").symlink_to(outside / "secret.csv")
+    sibling = tmp_path / "case" / "other_evil"
+    sibling.mkdir()
+    (sibling / "secret.csv").write_text(f"a\n{SECRET}\n")
+    query = sql.format(store=store.root.resolve(), other=other.root.resolve(), outside=outside.resolve(),
+                       sibling=sibling.resolve())
+    return store, other, query
 
 
 @pytest.mark.parametrize("name, sql, expected", list(_sql_params()))
 def test_pact_sql_refuses_writes_and_outside_reads(tmp_path, template_store, name, sql, expected):
-    store, query = _prepare(tmp_path, template_store, sql)
+    store, other, query = _prepare(tmp_path, template_store, sql)
     before = snapshot(tmp_path)
-    result = call_pact("sql", store.root, query)
+    attach = ["--attach", f"b={other.root}"] if name.startswith("attached_") else []
+    result = call_pact("sql", store.root, query, *attach)
     assert SECRET not in result.stdout + result.stderr
     if expected == OK:
         assert result.returncode == 0, result.stderr[-2000:]
@@ -411,7 +451,7 @@ def test_pact_sql_refuses_writes_and_outside_reads(tmp_path, template_store, nam
 
 def test_real_entry_point_refuses_the_same_way(tmp_path, template_store):
     name, sql, expected = next(c for c in SQL_CASES if c[0] == "drop_after_comment")
-    store, query = _prepare(tmp_path, template_store, sql)
+    store, _, query = _prepare(tmp_path, template_store, sql)
     before = snapshot(tmp_path)
     [result] = run_pact_many([["sql", store.root, query]])
     assert describe_changes(before, snapshot(tmp_path)) == ""
@@ -427,6 +467,38 @@ def test_pact_sql_cannot_read_the_working_directory_temp_folder(tmp_path, templa
     result = call_pact("sql", store.root, f"SELECT * FROM read_csv('{work / '.tmp' / 'secret.csv'}')")
     assert SECRET not in result.stdout
     assert_one_error_line(result, DENIED)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("b; DROP VIEW targets; --", r"attach name .* is not a plain SQL identifier"),
+        ("b.targets", r"attach name .* is not a plain SQL identifier"),
+        ('b" AS SELECT 1; --', r"attach name .* is not a plain SQL identifier"),
+        ("main", r"attach name 'main' is taken by DuckDB"),
+        ("temp", r"attach name 'temp' is taken by DuckDB"),
+        ("targets", r"attach name 'targets' is a view name"),
+    ],
+)
+def test_attach_names_cannot_inject_sql(tmp_path, template_store, name, expected):
+    store, other, query = _prepare(tmp_path, template_store, "SELECT 1")
+    before = snapshot(tmp_path)
+    result = call_pact("sql", store.root, query, "--attach", f"{name}={other.root}")
+    assert_one_error_line(result, expected)
+    assert describe_changes(before, snapshot(tmp_path)) == ""
+
+
+def test_attached_store_with_an_escaping_manifest_is_refused(tmp_path, template_store):
+    """A tampered manifest in the attached store cannot point the views outside it."""
+    store, other, _ = _prepare(tmp_path, template_store, "SELECT 1")
+    manifest = json.loads(other.manifest_path.read_text(encoding="utf-8"))
+    manifest["parts"][0]["path"] = "../outside/secret.parquet"
+    other.manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    before = snapshot(tmp_path)
+    result = call_pact("sql", store.root, "SELECT count(*) FROM b.targets", "--attach", f"b={other.root}")
+    assert SECRET not in result.stdout + result.stderr
+    assert_one_error_line(result, r"^error: attached store b: manifest path '\.\./outside/secret\.parquet' points outside")
+    assert describe_changes(before, snapshot(tmp_path)) == ""
 
 
 # -- manifest paths --------------------------------------------------------------------------

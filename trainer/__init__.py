@@ -3,6 +3,7 @@
 from trainer.loss import (
     PactConfig,
     constrained_sft_loss,
+    cross_entropy_and_subset,
     pact_kl,
     pact_kl_terms,
     response_cross_entropy,
@@ -14,6 +15,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "constrained_sft_loss",
+    "cross_entropy_and_subset",
     "pact_kl",
     "pact_kl_terms",
     "response_cross_entropy",

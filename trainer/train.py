@@ -2,7 +2,7 @@
 
 One loop, read top to bottom in `train()`:
 
-    check options -> data, tokenizer, store, safety set -> encode the data
+    check options -> `prepare_inputs`: data, tokenizer, store, safety set -> encode the data
     -> (cached) check the store's record and every example's targets
     -> load the model (+ LoRA) -> (online) the reference -> AdamW + schedule
     -> (--resume) restore the newest checkpoint
@@ -17,6 +17,10 @@ Under torchrun (WORLD_SIZE > 1) every rank runs this loop on its share of each g
 micro-batch (`--batch-size` x ranks examples), the model wrapped in DDP or sharded
 with FSDP, each share's loss weighed so that the gradient is the single-process one;
 rank 0 writes (trainer/distributed.py, docs/distributed.md).
+
+The trainer imports nothing of the pipeline but its shared encoding: reading the data,
+loading models and the drift probe come in as arguments of `train()`, which
+`pipeline.training.run_train` (the entry of `pact train`) passes.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -44,24 +48,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline import models
-from pipeline.data import FORMATS, load_examples
-from pipeline.encoding import (
-    Encoded,
-    EncodingOptions,
-    assistant_header_ids,
-    encode_example,
-    encoding_fingerprints,
-)
-from pipeline.probe import (
-    encode_probe,
-    probe_drift,
-    probe_encoding_options,
-    read_reference_probe,
-    reference_fingerprint,
-    safety_logprobs,
-    write_reference_probe,
-)
+from pipeline.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
 from store.atomic import (
     TEMP_PREFIX,
     atomic_write_bytes,
@@ -70,7 +57,7 @@ from store.atomic import (
 )
 from store.errors import PactError
 from store.manifest import Store
-from store.safety import SafetySet, load_safety_set
+from store.safety import SafetySet
 from store.tables import METRICS_SCHEMA, write_table
 from store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
 from trainer import checkpoint, distributed
@@ -81,19 +68,17 @@ from trainer.batches import (
     epoch_batches,
     rank_share,
     response_token_logprobs,
-    student_subset,
+    step_positions,
 )
 from trainer.checkpoint import TrainerState
 from trainer.distributed import Ranks
-from trainer.loss import PactConfig, constrained_sft_loss, pact_kl_terms, response_cross_entropy
-from trainer.reference import OnlineReference
-from trainer.validate import (
-    check_examples,
-    check_reference,
-    check_vocabulary,
-    encoding_options_for,
-    reference_entry,
+from trainer.loss import (
+    PactConfig,
+    constrained_sft_loss,
+    cross_entropy_and_subset,
+    pact_kl_terms,
 )
+from trainer.reference import OnlineReference
 
 METHODS = ("pact", "sft", "constrained-sft")
 REFERENCE_MODES = ("cached", "online")
@@ -228,7 +213,9 @@ def _number(
 
 
 def check_config(config: TrainConfig) -> None:
-    """One clear PactError for any option, or combination of options, that makes no sense."""
+    """One clear PactError for any option, or combination of options, that makes no sense.
+
+    `--format` names a reader of the pipeline: `pipeline.training.run_train` checks it."""
     for value, choices, flag in (
         (config.method, METHODS, "--method"),
         (config.reference, REFERENCE_MODES, "--reference"),
@@ -237,10 +224,6 @@ def check_config(config: TrainConfig) -> None:
     ):
         if value not in choices:
             raise PactError(f"unknown {flag} {value!r}; expected one of {', '.join(choices)}")
-    if config.data_format is not None and config.data_format not in FORMATS:
-        raise PactError(
-            f"unknown --format {config.data_format!r}; expected one of {', '.join(FORMATS)}"
-        )
     _number(config.kl_weight, "--lambda", minimum=0.0)
     if config.method != "pact" and config.kl_weight != DEFAULT_KL_WEIGHT:
         raise PactError(
@@ -321,6 +304,13 @@ def default_run_id(out: str | Path) -> str:
 # ----------------------------------------------------------------------------- model
 
 
+class LoadModel(Protocol):
+    """Loads a causal LM from a local model directory, in eval mode on `device` (the
+    pipeline's `pipeline.models.load_model`: safetensors only, one-line errors)."""
+
+    def __call__(self, path: str, *, dtype: str, device: str) -> Any: ...
+
+
 def _compute_dtype(device: str) -> str:
     """bf16 on CUDA, fp32 on CPU: the autocast dtype and that of frozen weights."""
     return "bfloat16" if device.startswith("cuda") else "float32"
@@ -337,11 +327,10 @@ def _autocast_factory(device: str) -> Callable[[], contextlib.AbstractContextMan
     return contextlib.nullcontext
 
 
-def load_student(config: TrainConfig, device: str) -> Any:
-    """The model to fine-tune: full (all weights trainable) or wrapped with LoRA adapters."""
-    model = models.load_model(
-        config.model, dtype=_weights_dtype(config.finetune, device), device=device
-    )
+def load_student(config: TrainConfig, device: str, load_model: LoadModel) -> Any:
+    """The model to fine-tune, loaded with `load_model`: full (all weights trainable) or
+    wrapped with LoRA adapters."""
+    model = load_model(config.model, dtype=_weights_dtype(config.finetune, device), device=device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -400,10 +389,11 @@ def batch_loss(
         loss = constrained_sft_loss(student, batch.reference.token_logprobs, batch.step_mask)
         ce = -(student.detach() * batch.step_mask).sum() / batch.step_mask.sum()
         return StepLoss(loss, float(ce), None, None)
-    ce = response_cross_entropy(logits, batch.labels)
     if method == "sft":
+        ce, _ = cross_entropy_and_subset(logits, batch.labels)
         return StepLoss(ce, float(ce.detach()), None, None)
-    u = student_subset(logits, batch.response_start, batch.num_steps, safety_ids)
+    positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
+    ce, u = cross_entropy_and_subset(logits, batch.labels, positions, safety_ids)
     terms = pact_kl_terms(
         u, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact
     )
@@ -563,9 +553,23 @@ def save_outputs(
 # ----------------------------------------------------------------------------- inputs
 
 
+class DriftProbe(Protocol):
+    """--probe-every: how far the model's safety-token confidences on a probe set drift
+    from the reference's, cached in the store (`pipeline.training.StoreDriftProbe`)."""
+
+    def start(self, model: Any, *, fresh: bool) -> None:
+        """Before the first step, `model` as loaded (or restored): make sure the store
+        holds the reference probe. On a `fresh` run of the store's reference model, the
+        model at step 0 IS the reference: its probe may be computed and cached here."""
+
+    def measure(self, model: Any) -> tuple[float, float]:
+        """(mean KL(reference ‖ model), mean safety-token mass) on the probe set."""
+
+
 @dataclass
 class RunInputs:
-    """Everything a run reads before it loads the model, validated."""
+    """Everything a run reads before it loads the model, validated: what
+    `pipeline.training.prepare_inputs` hands the trainer."""
 
     tokenizer: Any
     encoded: list[Encoded]
@@ -575,50 +579,7 @@ class RunInputs:
     reference_entry: dict[str, Any] | None  # the store's record of how its targets were made
     safety: SafetySet | None  # pact only
     reader: TargetReader | None  # cached targets (pact / constrained-sft with --reference cached)
-
-
-def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs:
-    """Data, tokenizer, store and safety set; with cached targets every check of the
-    store against this run passes here, before any model is loaded.
-
-    In a multi-process run each rank checks the token hashes of its share of the
-    examples (every `world_size`-th one) and a failure on any rank stops all of them."""
-    ranks = ranks or Ranks()
-    examples = load_examples(config.data, config.data_format).examples
-    model_fingerprint = models.model_fingerprint(config.model)
-    tokenizer = models.load_tokenizer(config.model)
-    use_targets = config.method != "sft" and config.reference == "cached"
-    store = Store(config.store) if config.store is not None else None
-    entry = safety = None
-    if store is not None:
-        manifest = store.require()
-        entry = reference_entry(manifest, store.root) if use_targets else manifest.get("reference")
-    if config.method == "pact":
-        safety = load_safety_set(store)
-        if not np.any(safety.weights > 0):
-            raise PactError(
-                f"the safety-token set of {store.root} has only zero weights: the PACT target is undefined"
-            )
-    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH)
-    if use_targets:
-        check_reference(entry, tokenizer, options, safety, model_fingerprint, config.model)
-    elif entry is not None and safety is not None:
-        check_vocabulary(entry, tokenizer)  # online PACT: the safety ids must name the same tokens
-    encoded = [
-        encode_example(tokenizer, example, options)
-        for example in tqdm(
-            examples, desc="encode", unit="ex", file=sys.stderr, leave=False, disable=not ranks.is_main
-        )
-    ]
-    reader = None
-    if use_targets:
-        reader = TargetReader(store, memory_budget_mb=config.targets_memory_mb)
-        if ranks.enabled:
-            with distributed.agreeing():
-                check_examples(encoded[ranks.rank :: ranks.world_size], reader)
-        else:
-            check_examples(encoded, reader)
-    return RunInputs(tokenizer, encoded, options, model_fingerprint, store, entry, safety, reader)
+    probe: DriftProbe | None = None  # --probe-every
 
 
 def _run_record(
@@ -657,8 +618,23 @@ def _run_record(
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    prepare_inputs: Callable[[TrainConfig, Ranks], RunInputs],
+    load_model: LoadModel,
+    resolve_device: Callable[[str], str],
+) -> TrainResult:
     """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md.
+
+    What the pipeline side provides comes in as arguments (`pipeline.training.run_train`
+    passes them; trainer/ imports nothing of the pipeline but its shared encoding):
+    - `prepare_inputs(config, ranks)`: the data read, encoded and checked against the
+      store (and the drift probe), called once the options, the process group and the
+      run directory have passed their checks, before any model is loaded;
+    - `load_model(path, dtype=, device=)`: the model to fine-tune and, for an online
+      reference in full fine-tuning, the frozen reference;
+    - `resolve_device(device)`: 'auto' as cuda or cpu, a CUDA device checked.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls it: the process group is
     initialised here (gloo on CPU, nccl on CUDA) unless the caller did, the model is
@@ -666,7 +642,7 @@ def train(config: TrainConfig) -> TrainResult:
     """
     check_config(config)
     with distributed.process_group(config.device) as ranks:
-        device = models.resolve_device(distributed.rank_device(config.device, ranks))
+        device = resolve_device(distributed.rank_device(config.device, ranks))
         run_dir = Path(config.out)
         with distributed.agreeing():
             if config.fsdp and not ranks.enabled:
@@ -684,7 +660,8 @@ def train(config: TrainConfig) -> TrainResult:
             if config.resume and resume_from is None and not (run_dir / "config.json").is_file():
                 raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         with _deterministic(config.seed, device):
-            return _train(config, run_dir, resume_from, device, ranks)
+            inputs = prepare_inputs(config, ranks)
+            return _train(config, inputs, load_model, run_dir, resume_from, device, ranks)
 
 
 @dataclass
@@ -757,45 +734,20 @@ def _distributed_micro_steps(
     return StepTotals(loss, ce, kl, gate_mean, int(tokens))
 
 
-def _prepare_probe(
-    config: TrainConfig, tokenizer: Any, store: Store, safety: SafetySet | None, model: Any, *, fresh: bool
-) -> list[Any]:
-    """The probe examples, with the store's reference probe cached.
-
-    When the store has no reference probe for them yet and this is a fresh run of the
-    store's reference model, the model at step 0 IS the reference: compute and cache it.
-    """
-    examples = load_examples(config.probe, require_response=True).examples
-    if read_reference_probe(store, examples) is not None:
-        return examples
-    manifest = store.require()
-    reference = reference_fingerprint(manifest)
-    if not fresh or safety is None or reference is None or models.model_fingerprint(config.model) != reference:
-        raise PactError(
-            f"the store has no reference probe for {Path(config.probe).name}: run "
-            f"`pact eval --model REFERENCE --store {store.root} --probe {config.probe}` first"
-        )
-    options = probe_encoding_options(manifest)
-    encoded = encode_probe(tokenizer, examples, options)
-    logprobs = safety_logprobs(model, encoded, safety.token_ids)
-    distributed.on_main(
-        lambda: write_reference_probe(
-            store, examples, encoded, logprobs, reference_model=reference, safety=safety, options=options
-        )
-    )
-    distributed.barrier()
-    return examples
-
-
 def _train(
-    config: TrainConfig, run_dir: Path, resume_from: Path | None, device: str, ranks: Ranks
+    config: TrainConfig,
+    inputs: RunInputs,
+    load_model: LoadModel,
+    run_dir: Path,
+    resume_from: Path | None,
+    device: str,
+    ranks: Ranks,
 ) -> TrainResult:
-    inputs = prepare_inputs(config, ranks)
     tokenizer, encoded, store = inputs.tokenizer, inputs.encoded, inputs.store
     run_id = config.run_id or default_run_id(run_dir)
 
     # The model being trained and, online, the reference.
-    model = load_student(config, device)
+    model = load_student(config, device, load_model)
     autocast = _autocast_factory(device)
     safety_ids = weights = None
     if inputs.safety is not None:
@@ -812,7 +764,7 @@ def _train(
         if lora:
             reference = model  # adapters disabled for the reference pass
         else:
-            reference = models.load_model(
+            reference = load_model(
                 config.model, dtype=_compute_dtype(device), device=device
             ).requires_grad_(False)
         online = OnlineReference(
@@ -909,11 +861,9 @@ def _train(
 
         distributed.on_main(write)
 
-    probe_examples = (
-        _prepare_probe(config, tokenizer, store, inputs.safety, model, fresh=resume_from is None)
-        if config.probe_every
-        else None
-    )
+    probe = inputs.probe if config.probe_every else None
+    if probe is not None:
+        probe.start(model, fresh=resume_from is None)
     micro_batches = _MicroBatches(make_batch, loss)
     with tqdm(
         total=total_steps,
@@ -977,9 +927,8 @@ def _train(
                 "probe_kl": None,
                 "probe_mass": None,
             }
-            if probe_examples is not None and state.step % config.probe_every == 0:
-                drift = probe_drift(wrapped, tokenizer, store, probe_examples)
-                row["probe_kl"], row["probe_mass"] = drift.mean_kl, drift.mean_mass
+            if probe is not None and state.step % config.probe_every == 0:
+                row["probe_kl"], row["probe_mass"] = probe.measure(wrapped)
             state.metrics.append(row)
             progress.set_postfix(
                 {k: f"{row[k]:.4g}" for k in ("loss", "ce", "kl", "lr", "probe_kl") if row[k] is not None},

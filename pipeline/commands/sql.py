@@ -1,4 +1,5 @@
-"""`pact sql STORE "SELECT ..."`: read-only DuckDB queries over a store."""
+"""`pact sql STORE "SELECT ..." [--attach NAME=STORE ...]`: read-only DuckDB queries over
+a store, and over other stores attached as schemas."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import math
 
 import click
 
+from store.errors import PactError
 from store.manifest import Store
-from store.sql import query
+from store.sql import check_attachments, query
 
 
 def _cell(value: object) -> str:
@@ -44,18 +46,46 @@ def _json_value(value: object) -> object:
     return str(value)
 
 
+def _attachments(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, Store]]:
+    """`--attach NAME=STORE` values as checked (name, Store) pairs."""
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value[:60]!r} is not NAME=STORE", ctx, param)
+        pairs.append((name, Store(path)))
+    try:
+        return check_attachments(pairs)
+    except PactError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @click.command("sql")
 @click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False, path_type=str))
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def sql_command(store_dir: str, sql: str, fmt: str) -> None:
-    """Run a read-only SQL query against STORE.
+@click.option(
+    "--attach", "attach", metavar="NAME=STORE", multiple=True, callback=_attachments,
+    help="Also read another store; its views become NAME.targets, NAME.confidences, ... "
+    "NAME: letters, digits and _ (not main, memory, temp, system, a view name or an SQL keyword). Repeatable.",
+)
+def sql_command(store_dir: str, sql: str, fmt: str, attach: list[tuple[str, Store]]) -> None:
+    """Run a read-only SQL query against STORE (and the stores given with --attach).
 
     Views: safety_tokens, targets, post_targets, confidences (example_id, step,
     context 'full'|'post', token_id, token, logprob, prob), metrics, evals.
-    Only SELECT statements run (EXPLAIN ANALYZE would execute its statement, so it is refused too); the store cannot be changed.
+    Only SELECT statements run (EXPLAIN ANALYZE would execute its statement, so it is refused too); the stores cannot be changed.
+
+    \b
+    Per-example drift between stores A and B (join per step, then unnest; fast):
+      pact sql A --attach run_b=B "WITH pairs AS (SELECT a.example_id,
+        unnest(a.full_logprobs) AS la, unnest(b.full_logprobs) AS lb
+        FROM targets a JOIN run_b.targets b USING (example_id, step))
+        SELECT example_id, avg(abs(exp(lb) - exp(la))) AS drift FROM pairs
+        GROUP BY example_id ORDER BY drift DESC LIMIT 10"
+    Both stores must hold the same safety-token set (see docs/store.md).
     """
-    columns, rows = query(Store(store_dir), sql)
+    columns, rows = query(Store(store_dir), sql, attach)
     if fmt == "table":
         click.echo(format_table(columns, rows))
     elif fmt == "csv":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.data import FORMATS
+from pipeline.training import run_train
 from store.targets import DEFAULT_MEMORY_BUDGET_MB
 from trainer import distributed
 from trainer.loss import PactConfig
@@ -16,7 +17,6 @@ from trainer.train import (
     SCHEDULES,
     TrainConfig,
     pact_config,
-    train,
 )
 
 _PACT = PactConfig()
@@ -245,7 +245,7 @@ def train_command(
         ),
         **options,
     )
-    result = train(config)
+    result = run_train(config)
     if not distributed.launch_ranks().is_main:
         return
     click.echo(f"run: {result.run_dir} (run_id {result.run_id})")

@@ -87,8 +87,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ec
     from pipeline.plot import plot_store
     from pipeline.precompute import PrecomputeOptions, run_precompute
     from pipeline.tokens import TokensOptions, run_tokens
+    from pipeline.training import run_train
     from store.sql import query
-    from trainer.train import TrainConfig, train
+    from trainer.train import TrainConfig
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -114,7 +115,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ec
     runs: dict[str, Path] = {}
     for i, method in enumerate(METHODS, start=1):
         echo(f"[3/5] pact train --method {method} ({i}/{len(METHODS)})")
-        result = train(
+        result = run_train(
             TrainConfig(
                 model=str(paths["aligned"]),
                 data=str(paths["finetune"]),
