@@ -8,16 +8,18 @@ run, what post-only deduplication saves, and its peak memory as the vocabulary g
    Goal: precompute / bare <= 1.15.
 2. Post-only deduplication on a classification-style set (the first 1000 rows of
    ../shared/data/sst2_5k_harmful_p0.1.json): post-only forward passes with the dedup (what
-   `run_precompute` runs, counted inside it) and without (one per example); then the same
-   post-only function timed over the distinct responses and over every example, alternated.
-   Goal: >= 40% fewer.
+   `run_precompute` runs, counted inside it: the distinct responses, queued across example
+   batches), with the dedup but run per example batch (the scheme before the queue: each
+   example batch's new responses, simulated from the same batches) and without (one per
+   example); then the same post-only function timed over the three, alternated.
+   Goal: >= 40% fewer sequences.
 3. Peak memory against vocabulary x sequence x batch: the chunked LM head of
    `run_precompute` against a naive full-logits pass over the same batches, each in a fresh
    process (`bench.common.ForkedRunner`), measured from the start of the passes: vocab
    8k / 32k / 128k at 4 x 256 tokens, and batch 1 / 4 / 16 at vocab 32k. The chunked head
    must stay flat in batch x sequence beyond one chunk; the naive pass grows with it.
 
-Run: python -m bench.bench_precompute [--quick] [--out bench/results/precompute.json]
+Run: python -m bench.bench_precompute [--quick] [--only overhead|dedup|memory ...] [--out bench/results/precompute.json]
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ QUICK = dict(
     memory_vocabs=(300, 600, 1200), memory_batches=(1, 2, 4), memory_seq_len=32,
     memory_prompt_tokens=8, chunk_positions=8,
 )
+MEASURES = ("overhead", "dedup", "memory")
 DEDUP_MODEL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dedup-data", type=Path, default=DEDUP_DATA,
                         help="classification-style set for the dedup measure; skipped with a note when absent (default: %(default)s)")
     parser.add_argument("--dedup-rows", type=positive_int, help="first rows of --dedup-data to use (default: 1000)")
+    parser.add_argument("--only", action="append", choices=MEASURES,
+                        help="run only this measure (repeat for several; default: all three)")
     args = parser.parse_args(argv)
     check_workdir(parser, args.workdir)
     from pipeline.models import resolve_device
@@ -302,6 +307,14 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tokenizer, _, header = encoded_examples(model_dir, data, options.max_length)
     # Without dedup: every example batch runs the post-only passes of all its examples.
     no_dedup_calls = [{item.example_id: item.response_ids for item in items} for items in example_batches]
+    # Dedup per example batch (before the queue): each batch runs its new responses' passes.
+    per_batch_calls: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for items in example_batches:
+        new = {item.response_hash: item.response_ids for item in items if item.response_hash not in seen}
+        seen.update(new)
+        if new:
+            per_batch_calls.append(new)
 
     def passes(calls: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [[len(header) + len(ids) - 1 for ids in call.values()] for call in calls]
@@ -312,7 +325,7 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "batches": sum(len(precompute.plan_batches(lens, options.batch_size)) for lens in lengths),
         }
 
-    counted, without = passes(post_calls), passes(no_dedup_calls)
+    counted, per_batch, without = passes(post_calls), passes(per_batch_calls), passes(no_dedup_calls)
     # Both sets of calls replayed through the real function, alternated after a warm-up.
     model = load_model(model_dir, dtype=options.dtype, device=args.device)
     safety_ids = torch.from_numpy(load_safety_set(Store(store)).token_ids.astype("int64")).to(args.device)
@@ -325,11 +338,11 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         return run
 
-    candidates = {"dedup": replay(post_calls), "no_dedup": replay(no_dedup_calls)}
+    candidates = {"dedup": replay(post_calls), "per_batch": replay(per_batch_calls), "no_dedup": replay(no_dedup_calls)}
     alternate(candidates, 1)
     seconds = alternate(candidates, args.repeats)
-    counted["seconds"] = summarize(seconds["dedup"])["median_s"]
-    without["seconds"] = summarize(seconds["no_dedup"])["median_s"]
+    for name, block in (("dedup", counted), ("per_batch", per_batch), ("no_dedup", without)):
+        block["seconds"] = summarize(seconds[name])["median_s"]
     result = {
         "data": str(args.dedup_data),
         "rows": len(rows),
@@ -337,7 +350,15 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "distinct_responses": summary.responses_computed,
         "full_context_sequences": summary.computed,
         "post_only_with_dedup": counted,
+        "post_only_per_example_batch": per_batch,
         "post_only_without_dedup": without,
+        # post-only forward calls: now, before the queue, without dedup, and ceil(distinct / batch)
+        "forward_calls": {
+            "queued": counted["batches"],
+            "per_example_batch": per_batch["batches"],
+            "no_dedup": without["batches"],
+            "full_batches": math.ceil(summary.responses_computed / options.batch_size),
+        },
         "goal": DEDUP_GOAL,
     }
     for key in ("sequences", "tokens", "calls", "batches", "seconds"):
@@ -509,25 +530,33 @@ def measure_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def tables(result: dict[str, Any]) -> str:
-    o, d, m = result["overhead"], result["dedup"], result["memory"]
-    rows = [
-        ["pact precompute (end to end)", f"{fmt(o['precompute']['median_s'])} s", f"{fmt(o['precompute_over_bare'])}x bare",
-         f"goal <= {OVERHEAD_GOAL}x: {'met' if o['meets_goal'] else 'MISSED'}"],
-        ["  its compute loop", f"{fmt(o['precompute_compute_loop']['median_s'])} s", f"{fmt(o['compute_loop_over_bare'])}x bare",
-         f"fixed cost {fmt(o['fixed_cost_s'])} s (load, hash, probe, parts)"],
-        ["bare forward passes", f"{fmt(o['bare_forward']['median_s'])} s", "1",
-         f"{o['examples']} examples, {o['forward_batches']['full']} + {o['forward_batches']['post']} batches"],
-    ]
-    if "skipped" in d:
+    """Markdown tables of the measures in `result` (the summary, then memory)."""
+    o, d, m = result.get("overhead"), result.get("dedup"), result.get("memory")
+    rows = []
+    if o is not None:
+        rows += [
+            ["pact precompute (end to end)", f"{fmt(o['precompute']['median_s'])} s", f"{fmt(o['precompute_over_bare'])}x bare",
+             f"goal <= {OVERHEAD_GOAL}x: {'met' if o['meets_goal'] else 'MISSED'}"],
+            ["  its compute loop", f"{fmt(o['precompute_compute_loop']['median_s'])} s", f"{fmt(o['compute_loop_over_bare'])}x bare",
+             f"fixed cost {fmt(o['fixed_cost_s'])} s (load, hash, probe, parts)"],
+            ["bare forward passes", f"{fmt(o['bare_forward']['median_s'])} s", "1",
+             f"{o['examples']} examples, {o['forward_batches']['full']} + {o['forward_batches']['post']} batches"],
+        ]  # fmt: skip
+    if d is not None and "skipped" in d:
         rows.append(["post-only dedup", "skipped", "", d["skipped"]])
-    else:
-        w, wo = d["post_only_with_dedup"], d["post_only_without_dedup"]
+    elif d is not None:
+        w, pb, wo, calls = d["post_only_with_dedup"], d["post_only_per_example_batch"], d["post_only_without_dedup"], d["forward_calls"]
         rows.append(["post-only passes, dedup", f"{w['sequences']:,} seq", f"{fmt(100 * d['saving_sequences'])}% fewer",
-                     f"goal >= {100 * DEDUP_GOAL:.0f}%: {'met' if d['meets_goal'] else 'MISSED'}; {d['rows']:,} rows"])
+                     f"goal >= {100 * DEDUP_GOAL:.0f}%: {'met' if d['meets_goal'] else 'MISSED'}; {d['rows']:,} rows, "
+                     f"{d['distinct_responses']:,} distinct responses"])
         rows.append(["post-only passes, no dedup", f"{wo['sequences']:,} seq", "",
-                     f"forward batches {w['batches']:,} vs {wo['batches']:,}; tokens {fmt(100 * d['saving_tokens'])}% fewer; "
-                     f"{fmt(w['seconds'])} s vs {fmt(wo['seconds'])} s"])
-    summary = markdown_table(["measure", "value", "ratio", "note"], rows)
+                     f"tokens {fmt(100 * d['saving_tokens'])}% fewer; {fmt(w['seconds'])} s vs {fmt(wo['seconds'])} s"])
+        rows.append(["post-only forward calls", f"{calls['queued']:,}", f"{fmt(calls['queued'] / calls['per_example_batch'])}x per batch",
+                     f"per example batch {calls['per_example_batch']:,} ({fmt(pb['seconds'])} s); no dedup {calls['no_dedup']:,}; "
+                     f"ceil(distinct / batch) = {calls['full_batches']:,}"])
+    summary = markdown_table(["measure", "value", "ratio", "note"], rows) if rows else ""
+    if m is None:
+        return summary
     memory_rows = [
         [f"{p['vocab_size']:,}", f"{p['batch_size']} x {p['seq_len']}", f"{p['one_full_logits_mb']:,.0f}",
          f"{p['chunked_mb']:,.0f}", f"{p['naive_mb']:,.0f}",
@@ -535,7 +564,7 @@ def tables(result: dict[str, Any]) -> str:
         for p in m["points"]
     ]
     memory = markdown_table(["vocab", "batch x seq", "one [B,L,V] fp32 MiB", "chunked +MiB", "naive +MiB", "naive / chunked"], memory_rows)
-    return summary + "\n\n" + memory
+    return summary + "\n\n" + memory if summary else memory
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -551,9 +580,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "dedup_rows", "memory_seq_len", "chunk_positions", "default_malloc", "seed")
         }
         result["parameters"]["torch_threads"] = torch.get_num_threads()
-        result["overhead"] = measure_overhead(args, workdir)
-        result["dedup"] = measure_dedup(args, workdir)
-        result["memory"] = measure_memory(args, workdir)
+        measures = {"overhead": measure_overhead, "dedup": measure_dedup, "memory": measure_memory}
+        for name in MEASURES:
+            if not args.only or name in args.only:
+                result[name] = measures[name](args, workdir)
         result["seconds_total"] = time.time() - started
         return result
 
@@ -562,9 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
     result["command"] = "python -m bench.bench_precompute " + " ".join(sys.argv[1:] if argv is None else argv)
-    o = result["overhead"]
-    print(f"overhead model: {o['model_parameters'] / 1e6:.1f}M parameters, {args.device}; "
-          f"{o['examples']} examples x {args.seq_len} tokens, batch {args.batch_size}; median of {args.repeats} alternated rounds")
+    o = result.get("overhead")
+    if o is not None:
+        print(f"overhead model: {o['model_parameters'] / 1e6:.1f}M parameters, {args.device}; "
+              f"{o['examples']} examples x {args.seq_len} tokens, batch {args.batch_size}; median of {args.repeats} alternated rounds")
     print(tables(result))
     path = write_json(args.out, result)
     print(f"\nwrote {path}")

@@ -13,11 +13,17 @@ each [chunk, V] block is reduced (float32 log-softmax, gather of the safety ids,
 token log-prob, entropy) before the next one: full-vocabulary logits for a whole
 batch never exist.
 
-Resume / staleness: examples already stored with the same token hash are skipped; a
-changed token hash drops the example's old rows (its parts are rewritten without
-them and swapped in the manifest in one update) and recomputes it; a changed
-reference (model, safety set, tokenizer, template, header, compute or value dtype)
-drops every part of the store and recomputes everything.
+Post-only passes are planned across example batches (`plan_post_only`): the new
+responses of up to one part are gathered and run in full length-bucketed batches,
+before the first example that uses them is handed to the writer.
+
+Resume / staleness / repair: examples already stored with the same token hash and
+finite values are skipped; a changed token hash, or NaN/inf in an example's stored
+rows, drops the example's old rows (its parts are rewritten without them and swapped
+in the manifest in one update) and recomputes it; NaN/inf in a response's post-only
+rows drops those rows the same way and recomputes the response; a changed reference
+(model, safety set, tokenizer, template, header, compute or value dtype) drops every
+part of the store and recomputes everything.
 
 Under torchrun (an initialised torch.distributed process group, see
 docs/distributed.md) each rank computes shard RANK/WORLD_SIZE into the same store;
@@ -35,6 +41,7 @@ import re
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +77,7 @@ from store.atomic import atomic_write_with
 from store.errors import PactError
 from store.manifest import Store
 from store.safety import SafetySet, load_safety_set
-from store.targets import VALUE_DTYPES, TargetReader, TargetWriter
+from store.targets import ROW_GROUP_ROWS, VALUE_DTYPES, TargetReader, TargetWriter, unreadable_part
 
 # Reference-entry keys whose change invalidates every stored row (post-only rows included).
 GLOBAL_REFERENCE_KEYS = (
@@ -85,6 +92,8 @@ GLOBAL_REFERENCE_KEYS = (
 PROBE_TOKENS = 32
 # Max |log-prob difference| tolerated between the chunked head and the model's own forward.
 PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.25}
+# Post-only work planned ahead is capped at this many batches of distinct responses.
+POST_QUEUE_BATCHES = 32
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -188,6 +197,8 @@ class PrecomputeSummary:
     computed: int = 0  # examples computed by this run (stale ones included)
     skipped: int = 0  # already in the store with the same token hash
     stale: int = 0  # in the store with another token hash: rows dropped, recomputed
+    non_finite: int = 0  # in the store with NaN/inf in their values: rows dropped, recomputed
+    responses_repaired: int = 0  # responses of stored examples whose post-only rows were non-finite or missing
     reference_reset: bool = False  # the store held another reference: every part dropped
     response_tokens: int = 0  # response steps computed
     responses_computed: int = 0  # distinct responses whose post-only targets were computed
@@ -206,8 +217,8 @@ class PrecomputeSummary:
             dropped=[line for s in summaries for line in s.dropped],
             computed_per_rank=[s.computed for s in summaries],
         )
-        for name in ("examples", "computed", "skipped", "stale", "response_tokens",
-                     "responses_computed", "bytes_written", "parts_written"):  # fmt: skip
+        for name in ("examples", "computed", "skipped", "stale", "non_finite", "responses_repaired",
+                     "response_tokens", "responses_computed", "bytes_written", "parts_written"):  # fmt: skip
             setattr(merged, name, sum(getattr(s, name) for s in summaries))
         return merged
 
@@ -215,6 +226,11 @@ class PrecomputeSummary:
         """The one-line summary the CLI prints."""
         rate = self.seconds if self.seconds > 0 else float("nan")
         stale = f", {self.stale} stale recomputed" if self.stale else ""
+        if self.non_finite:
+            stale += f", {self.non_finite} recomputed (non-finite)"
+        if self.responses_repaired:
+            plural = "s" if self.responses_repaired != 1 else ""
+            stale += f", {self.responses_repaired} post-only response{plural} recomputed (non-finite or missing)"
         dropped = f", {len(self.dropped)} invalid dropped" if self.dropped else ""
         ranks = (
             f" ({len(self.computed_per_rank)} ranks, computed per rank: {' + '.join(map(str, self.computed_per_rank))})"
@@ -464,17 +480,19 @@ def _claim_reference(store: Store, reference: dict[str, Any]) -> tuple[list[str]
     return changed, dropped
 
 
-def _drop_examples(store: Store, example_ids: set[str], shard_tag: str) -> int:
-    """Rewrite every targets part holding rows of `example_ids` without them.
+def _drop_rows(store: Store, example_ids: set[str], response_hashes: set[str], shard_tag: str) -> int:
+    """Rewrite every targets part holding rows of `example_ids`, and every post part
+    holding rows of `response_hashes`, without them.
 
     Runs inside one manifest update (under the store lock): each replacement part is
     written atomically under a new name tagged `shard_tag` (an orphan if we die before
     the manifest is written: the next writer with that tag deletes it), the manifest
     swaps old entries for new ones, then the old files are deleted. Returns bytes written.
     """
-    if not example_ids:
-        return 0
-    value_set = pa.array(sorted(example_ids), pa.string())
+    drops = {
+        "targets": ("example_id", pa.array(sorted(example_ids), pa.string())),
+        "post": ("response_hash", pa.array(sorted(response_hashes), pa.string())),
+    }
     replaced: list[str] = []
     written = 0
 
@@ -482,11 +500,12 @@ def _drop_examples(store: Store, example_ids: set[str], shard_tag: str) -> int:
         nonlocal written
         parts = []
         for entry in manifest["parts"]:
-            if entry["kind"] != "targets":
+            key, value_set = drops[entry["kind"]]
+            if len(value_set) == 0:
                 parts.append(entry)
                 continue
             path = store.resolve(entry["path"])
-            keys = pq.read_table(path, columns=["example_id"]).column("example_id")
+            keys = pq.read_table(path, columns=[key]).column(key)
             drop = pc.is_in(keys, value_set=value_set)
             if not pc.any(drop).as_py():
                 parts.append(entry)
@@ -495,14 +514,17 @@ def _drop_examples(store: Store, example_ids: set[str], shard_tag: str) -> int:
             kept = pq.read_table(path).filter(pc.invert(drop))
             if kept.num_rows == 0:
                 continue
-            relative = f"targets/part-{shard_tag}-{uuid.uuid4().hex[:12]}.parquet"
+            relative = f"{entry['kind']}/part-{shard_tag}-{uuid.uuid4().hex[:12]}.parquet"
             final = store.root / relative
-            atomic_write_with(final, lambda p, t=kept: pq.write_table(t, p, row_group_size=65536))
+            atomic_write_with(
+                final,
+                lambda p, t=kept: pq.write_table(t, p, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True),
+            )
             size = final.stat().st_size
             written += size
-            examples = len(pc.unique(kept.column("example_id")))
+            examples = len(pc.unique(kept.column(key)))
             parts.append(
-                {"kind": "targets", "path": relative, "rows": kept.num_rows, "examples": examples, "bytes": size}
+                {"kind": entry["kind"], "path": relative, "rows": kept.num_rows, "examples": examples, "bytes": size}
             )
         manifest["parts"] = parts
 
@@ -512,14 +534,70 @@ def _drop_examples(store: Store, example_ids: set[str], shard_tag: str) -> int:
     return written
 
 
-# ----------------------------------------------------------------------------- the run
+def _non_finite_rows(array: pa.Array) -> np.ndarray:
+    """bool [rows]: a NaN, inf or null in the row (any entry of a fixed-size list row)."""
+    if pa.types.is_fixed_size_list(array.type):
+        width = array.type.list_size
+        flat = array.values.slice(array.offset * width, len(array) * width).to_numpy(zero_copy_only=False)
+        bad = ~np.isfinite(flat).reshape(len(array), width).all(axis=1)
+    else:
+        bad = ~np.isfinite(array.to_numpy(zero_copy_only=False))
+    if array.null_count:
+        bad |= array.is_null().to_numpy(zero_copy_only=False)
+    return bad
+
+
+def _scan_parts(
+    store: Store, kind: str, key: str, wanted: set[str], values: tuple[str, ...], label: str | None = None
+) -> tuple[set[str], dict[str, Any]]:
+    """Among the rows of registered `kind` parts whose `key` is in `wanted`: the keys with
+    NaN/inf (or null) in any of the `values` columns, and (with `label`) key -> that
+    column's value at step 0.
+
+    Reads one row group at a time (its key column first: a row group holding none of
+    `wanted`, e.g. another shard's, is skipped), so memory stays at one row group
+    whatever the store's size."""
+    bad: set[str] = set()
+    labels: dict[str, Any] = {}
+    if not wanted:
+        return bad, labels
+    columns = [*values, *(("step", label) if label is not None else ())]
+    for entry in store.parts(kind):
+        path = store.resolve(entry["path"])
+        try:
+            handle = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+            for group in range(handle.num_row_groups):
+                keys = handle.read_row_group(group, columns=[key]).column(0)
+                present = pc.unique(keys).to_pylist()
+                ours = [k for k in present if k in wanted]
+                if not ours:
+                    continue
+                rows = handle.read_row_group(group, columns=columns)
+                if len(ours) < len(present):
+                    mine = pc.is_in(keys, value_set=pa.array(ours, pa.string()))
+                    keys, rows = keys.filter(mine), rows.filter(mine)
+                if label is not None:
+                    first = pc.equal(rows.column("step"), 0)
+                    labels.update(zip(keys.filter(first).to_pylist(), rows.column(label).filter(first).to_pylist(), strict=True))
+                broken = np.any([_non_finite_rows(rows.column(name).combine_chunks()) for name in values], axis=0)
+                if broken.any():
+                    bad.update(keys.filter(pa.array(broken)).to_pylist())
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable_part(path, exc) from None
+    return bad, labels
 
 
 @dataclass
 class _Work:
-    encoded: list[Encoded]  # examples to compute
-    skipped: int
-    stale: set[str]
+    encoded: list[Encoded] = field(default_factory=list)  # examples to compute
+    skipped: int = 0
+    stale: set[str] = field(default_factory=set)  # stored with another token hash
+    non_finite: set[str] = field(default_factory=set)  # stored with NaN/inf in their rows
+    bad_responses: set[str] = field(default_factory=set)  # post-only rows with NaN/inf: dropped, recomputed
+    stored_responses: set[str] = field(default_factory=set)  # finite post-only rows in the store
+    # responses of skipped examples that lack (finite) post-only rows: computed first
+    extra_responses: dict[str, np.ndarray] = field(default_factory=dict)
+    repaired_responses: set[str] = field(default_factory=set)  # non-finite or missing: recomputed
 
 
 def _encode_shard(
@@ -539,20 +617,39 @@ def _encode_shard(
     return encoded
 
 
-def _plan_work(store: Store, encoded: list[Encoded]) -> tuple[_Work, set[str]]:
-    """Which examples to compute; the response hashes the store already holds."""
+def _plan_work(store: Store, encoded: list[Encoded]) -> _Work:
+    """Which examples to compute, which stored rows to drop, which responses to (re)compute.
+
+    Skipped: stored with the same token hash and finite `full_logprobs` and
+    `token_logprob`. Stale (another token hash) and non-finite examples are recomputed.
+    Post-only rows of this run's responses holding NaN/inf are dropped and recomputed;
+    a skipped example whose response has no post-only rows has them computed."""
     if not store.read_manifest()["parts"]:
-        return _Work(encoded, 0, set()), set()
-    reader = TargetReader(store, check_finite=False)
-    todo, stale, skipped = [], set(), 0
+        return _Work(list(encoded))
+    reader = TargetReader(store, check_finite=False)  # the index: refuses an example stored twice
+    present = {e.example_id for e in encoded if e.example_id in reader}
+    bad_examples, token_hashes = _scan_parts(
+        store, "targets", "example_id", present, ("full_logprobs", "token_logprob"), label="token_hash"
+    )
+    bad_responses, _ = _scan_parts(store, "post", "response_hash", {e.response_hash for e in encoded}, ("post_logprobs",))
+    work = _Work(bad_responses=bad_responses, stored_responses=reader.response_hashes() - bad_responses)
     for item in encoded:
-        if item.example_id in reader:
-            if reader.token_hash(item.example_id) == item.token_hash:
-                skipped += 1
+        stored_hash = token_hashes.get(item.example_id)  # None: not stored (or no longer)
+        if stored_hash is not None:
+            if stored_hash != item.token_hash:
+                work.stale.add(item.example_id)
+            elif item.example_id in bad_examples:
+                work.non_finite.add(item.example_id)
+            else:
+                work.skipped += 1
+                if item.response_hash not in work.stored_responses:
+                    work.extra_responses.setdefault(item.response_hash, item.response_ids)
                 continue
-            stale.add(item.example_id)
-        todo.append(item)
-    return _Work(todo, skipped, stale), reader.response_hashes()
+        work.encoded.append(item)
+    work.repaired_responses = bad_responses | work.extra_responses.keys()
+    for item in work.encoded:  # computed with the example anyway
+        work.extra_responses.pop(item.response_hash, None)
+    return work
 
 
 def _check_vocabulary(model_dir: Path, vocab_rows: int | None, safety: SafetySet, what: str) -> None:
@@ -653,11 +750,22 @@ def run_precompute(
                 f"the store was computed with another reference ({', '.join(changed)} changed): "
                 f"dropped {len(dropped_parts)} parts, recomputing every example"
             )
-        work, stored_responses = _plan_work(store, encoded)
-    summary.skipped, summary.stale = work.skipped, len(work.stale)
+        work = _plan_work(store, encoded)
+    summary.skipped, summary.stale, summary.non_finite = work.skipped, len(work.stale), len(work.non_finite)
+    summary.responses_repaired = len(work.repaired_responses)
     if work.stale:
         say(f"{len(work.stale)} examples have a new token hash (tokenizer, template or max length changed): recomputing them")
-        summary.bytes_written += _drop_examples(store, work.stale, options.shard.tag)
+    if work.non_finite:
+        say(f"{len(work.non_finite)} examples hold NaN or inf in their stored targets: recomputing them")
+    if work.repaired_responses:
+        say(
+            f"{len(work.repaired_responses)} responses have non-finite or missing post-only targets "
+            "in the store: recomputing them"
+        )
+    if work.stale or work.non_finite or work.bad_responses:
+        summary.bytes_written += _drop_rows(
+            store, work.stale | work.non_finite, work.bad_responses, options.shard.tag
+        )
 
     writer = TargetWriter(
         store,
@@ -668,7 +776,7 @@ def run_precompute(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
-        _compute(model, work.encoded, header, stored_responses, safety_ids, pad_id, device, options, writer, summary)
+        _compute(model, work, header, safety_ids, pad_id, device, options, writer, summary)
     except KeyboardInterrupt:
         writer.flush()  # keep the finished examples: a rerun resumes after them
         raise
@@ -741,11 +849,54 @@ def _finish_ranks(store: Store, encoded: list[Encoded], summary: PrecomputeSumma
     return PrecomputeSummary.merge([part for part, _ in gathered])
 
 
+def plan_post_only(
+    todo: list[Encoded],
+    stored: set[str],
+    examples_per_part: int,
+    limit: int,
+    first: Mapping[str, np.ndarray] | None = None,
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """When to run which post-only passes: `[(i, {response_hash: response_ids}), ...]`,
+    ascending in i; each group is computed right before the i-th example of `todo` (in
+    the order the examples reach the writer) is written, and `i == len(todo)` at the end.
+
+    Every distinct response not in `stored` is planned once, in the group of the first
+    example that uses it. A group gathers the new responses of at most one part (the
+    writer writes a part every `examples_per_part` examples) and at most `limit` of them:
+    its passes run in full length-bucketed batches across example batches, a part holds
+    the post-only rows of its examples (a killed run leaves whole parts behind, and the
+    rerun plans the same groups), and the work held at once stays bounded. `first`
+    (responses to compute whatever the examples) open the first group.
+    """
+    if examples_per_part < 1 or limit < 1:
+        raise PactError(f"examples_per_part and limit must be at least 1, got {examples_per_part} and {limit}")
+    groups: list[tuple[int, dict[str, np.ndarray]]] = []
+    done = set(stored)
+    current: dict[str, np.ndarray] | None = None
+
+    def add(index: int, response_hash: str, response_ids: np.ndarray) -> None:
+        nonlocal current
+        if response_hash in done:
+            return
+        if current is None or len(current) >= limit:
+            current = {}
+            groups.append((index, current))
+        current[response_hash] = response_ids
+        done.add(response_hash)
+
+    for response_hash, response_ids in (first or {}).items():
+        add(0, response_hash, response_ids)
+    for index, item in enumerate(todo):
+        if index and index % examples_per_part == 0:
+            current = None  # a new part: its responses form new groups
+        add(index, item.response_hash, item.response_ids)
+    return groups
+
+
 def _compute(
     model: Any,
-    todo: list[Encoded],
+    work: _Work,
     header: list[int],
-    stored_responses: set[str],
     safety_ids: torch.Tensor,
     pad_id: int,
     device: str,
@@ -753,25 +904,32 @@ def _compute(
     writer: TargetWriter,
     summary: PrecomputeSummary,
 ) -> None:
-    """Batched reference passes over `todo`; post-only targets of new responses go to the
-    writer before the first example that uses them (so a registered example always has them)."""
-    done_responses = set(stored_responses)
+    """Batched reference passes over `work.encoded`. The post-only passes follow
+    `plan_post_only`: their rows go to the writer before the first example that uses
+    them (so a registered example always has them), the passes of a part's new responses
+    run together in full batches."""
+    todo = work.encoded
     batches = plan_batches([len(e.input_ids) for e in todo], options.batch_size, options.max_batch_tokens)
+    order = [todo[i] for batch in batches for i in batch]  # the order examples reach the writer
+    limit = POST_QUEUE_BATCHES * options.batch_size
+    queue = deque(plan_post_only(order, work.stored_responses, options.examples_per_part, limit, work.extra_responses))
+
+    def post_only_until(index: int) -> None:
+        while queue and queue[0][0] <= index:
+            _, responses = queue.popleft()
+            for response_hash, post in _post_only(model, responses, header, safety_ids, pad_id, device, options).items():
+                writer.add_post(response_hash, post)
+                summary.responses_computed += 1
+
+    written = 0  # examples handed to the writer
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="ex", desc="precompute", disable=not options.progress, file=sys.stderr)
     with torch.inference_mode(), bar:
         for batch in batches:
             items = [todo[i] for i in batch]
-            new = {}
-            for item in items:
-                if item.response_hash not in done_responses:
-                    new.setdefault(item.response_hash, item.response_ids)
-            for response_hash, post in _post_only(model, new, header, safety_ids, pad_id, device, options).items():
-                writer.add_post(response_hash, post)
-                done_responses.add(response_hash)
-                summary.responses_computed += 1
             stats = _full_context(model, items, safety_ids, pad_id, device, options)
             for item, (logprobs, token_logprob, entropy) in zip(items, stats, strict=True):
+                post_only_until(written)
                 writer.add_example(
                     item.example_id,
                     item.token_hash,
@@ -781,11 +939,13 @@ def _compute(
                     entropy,
                     logprobs,
                 )
+                written += 1
                 summary.computed += 1
                 summary.response_tokens += item.response_length
             bar.update(len(items))
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"{summary.response_tokens / elapsed:.0f} tokens/s", refresh=False)
+        post_only_until(len(todo))
 
 
 def _full_context(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +32,7 @@ from pipeline.precompute import (
     PrecomputeOptions,
     Shard,
     plan_batches,
+    plan_post_only,
     reference_targets,
     run_precompute,
     shard_of,
@@ -36,6 +41,7 @@ from pipeline.precompute import (
 from store import PactError, Store, TargetReader
 from store.safety import safety_set_from_vector, save_safety_set
 from store.sql import query
+from trainer.validate import check_examples
 
 SAFETY_IDS = [7, 20, 41, 100, 150, 200, 262]
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
@@ -320,6 +326,208 @@ def test_max_batch_tokens_gives_same_targets(assets, tmp_path):
     _run(assets, data, a, batch_size=1)
     _run(assets, data, b, batch_size=8, max_batch_tokens=60, chunk_positions=1000)
     _assert_same(_contents(a), _contents(b))
+
+
+# ----------------------------------------------------------------------------- post-only passes
+
+WORDS = ["cat", "dog", "movie", "film", "great", "terrible", "review", "story", "fox", "thing"]
+
+
+def _many_rows(count: int, responses: int, seed: int = 0) -> list[dict]:
+    """`count` rows (prompts of 1-6 words) sharing `responses` distinct two-word answers."""
+    rng = random.Random(seed)
+    answers = [f"{a} {b}." for a, b in itertools.permutations(WORDS, 2)][:responses]
+    return [
+        {"id": f"ex-{i:03d}", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+         "completion": answers[i % responses]}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def post_passes(monkeypatch):
+    """Rows of every post-only forward pass `run_precompute` makes (the LM-head probe skipped)."""
+    import pipeline.precompute as precompute
+
+    rows: list[int] = []
+    original = precompute.reference_targets
+
+    def counting(model, ids, mask, positions, safety_ids, chunk=256, *, target_ids=None):
+        if target_ids is None:  # full-context passes give the teacher-forced tokens
+            rows.append(ids.shape[0])
+        return original(model, ids, mask, positions, safety_ids, chunk, target_ids=target_ids)
+
+    monkeypatch.setattr(precompute, "reference_targets", counting)
+    monkeypatch.setattr(precompute, "check_head_matches_forward", lambda *args: None)
+    return rows
+
+
+def test_post_only_passes_are_full_batches_across_example_batches(assets, tmp_path, post_passes):
+    """16 distinct responses first met across 12 example batches: 4 full post-only passes
+    (one per example batch that meets a new response would be ~10)."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _many_rows(48, 16))
+    store = _new_store(tmp_path / "store", assets["vocab"])
+    summary, _ = _run(assets, data, store, batch_size=4, examples_per_part=64)
+    assert summary.responses_computed == 16
+    assert post_passes == [4, 4, 4, 4]
+    one = _new_store(tmp_path / "one", assets["vocab"])
+    _run(assets, data, one, batch_size=1)  # every pass a single sequence
+    _assert_same(_contents(store), _contents(one))
+
+
+def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_passes, monkeypatch):
+    """With parts of 8 examples each part's new responses are computed together, at most
+    one partial pass per part; a part's post-only rows are registered with it. The queue
+    limit (POST_QUEUE_BATCHES batches of responses) caps the work planned at once."""
+    import pipeline.precompute as precompute
+
+    data = _write_jsonl(tmp_path / "d.jsonl", _many_rows(48, 16))
+    store = _new_store(tmp_path / "store", assets["vocab"])
+    summary, _ = _run(assets, data, store, batch_size=4, examples_per_part=8)
+    parts = store.parts("targets")
+    assert len(parts) == 6 and summary.responses_computed == 16
+    assert math.ceil(16 / 4) <= len(post_passes) <= math.ceil(16 / 4) + len(parts)
+    available: set[str] = set()  # responses registered so far, in manifest order
+    for entry in store.read_manifest()["parts"]:
+        table = pq.read_table(store.resolve(entry["path"]), columns=["response_hash"])
+        hashes = set(table.column("response_hash").to_pylist())
+        if entry["kind"] == "post":
+            available |= hashes
+        else:
+            assert hashes <= available, entry["path"]
+
+    post_passes.clear()
+    sizes: list[int] = []
+    original = precompute._post_only
+
+    def recording(model, responses, *rest):
+        sizes.append(len(responses))
+        return original(model, responses, *rest)
+
+    monkeypatch.setattr(precompute, "POST_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(precompute, "_post_only", recording)
+    limited = _new_store(tmp_path / "limited", assets["vocab"])
+    _run(assets, data, limited, batch_size=4, examples_per_part=64)
+    assert sizes == [4, 4, 4, 4] and post_passes == [4, 4, 4, 4]
+    _assert_same(_contents(limited), _contents(store))
+
+
+def test_plan_post_only_groups():
+    def item(response: str) -> SimpleNamespace:
+        return SimpleNamespace(response_hash=response, response_ids=np.array([ord(response)]))
+
+    todo = [item(r) for r in "aabcdaefgh"]  # parts of 4: aabc | daef | gh
+    groups = plan_post_only(todo, stored={"c"}, examples_per_part=4, limit=2)
+    assert [(i, sorted(g)) for i, g in groups] == [(0, ["a", "b"]), (4, ["d", "e"]), (7, ["f"]), (8, ["g", "h"])]
+    first = {"z": np.array([1]), "a": np.array([2])}
+    groups = plan_post_only(todo, stored=set(), examples_per_part=100, limit=3, first=first)
+    assert [(i, list(g)) for i, g in groups] == [(0, ["z", "a", "b"]), (3, ["c", "d", "e"]), (7, ["f", "g", "h"])]
+    assert plan_post_only([], stored=set(), examples_per_part=4, limit=2, first=first) == [(0, first)]
+    with pytest.raises(PactError, match="at least 1"):
+        plan_post_only(todo, stored=set(), examples_per_part=0, limit=2)
+
+
+# ----------------------------------------------------------------------------- non-finite repair
+
+
+def _rewrite_rows(store: Store, kind: str, key_value: str, edit) -> None:
+    """Rewrite the part of `kind` holding rows keyed `key_value` as pyarrow writes it
+    (`edit(table, hit) -> table`), keeping its manifest entry's rows and bytes in step."""
+    key = "example_id" if kind == "targets" else "response_hash"
+    for entry in store.parts(kind):
+        path = store.resolve(entry["path"])
+        table = pq.read_table(path)
+        hit = np.asarray(table.column(key).to_pylist()) == key_value
+        if not hit.any():
+            continue
+        table = edit(table, hit)
+        pq.write_table(table, path)
+
+        def update(manifest, path=entry["path"], rows=table.num_rows, size=path.stat().st_size):
+            for part in manifest["parts"]:
+                if part["path"] == path:
+                    part.update(rows=rows, bytes=size)
+
+        store.update_manifest(update)
+        return
+    raise AssertionError(f"no {kind} rows for {key_value}")
+
+
+def _nan_into(column: str):
+    def edit(table: pa.Table, hit: np.ndarray) -> pa.Table:
+        index = table.schema.get_field_index(column)
+        kind = table.schema.field(index).type
+        if pa.types.is_fixed_size_list(kind):
+            values = np.stack(table.column(column).to_numpy(zero_copy_only=False)).astype(np.float32)
+            values[np.flatnonzero(hit)[-1], 1] = np.nan
+            flat = pa.array(values.reshape(-1).astype(kind.value_type.to_pandas_dtype()), kind.value_type)
+            array = pa.FixedSizeListArray.from_arrays(flat, kind.list_size)
+        else:
+            values = table.column(column).to_numpy().copy()
+            values[np.flatnonzero(hit)[0]] = -np.inf
+            array = pa.array(values, kind)
+        return table.set_column(index, column, array)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("column", "value_dtype"),
+    [("full_logprobs", "float32"), ("full_logprobs", "float16"), ("token_logprob", "float32"),
+     ("post_logprobs", "float32")],
+)  # fmt: skip
+def test_rerun_repairs_non_finite_stored_values(column, value_dtype, assets, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    store = _new_store(tmp_path / "store", assets["vocab"])
+    _run(assets, data, store, value_dtype=value_dtype)
+    clean = _contents(store)
+    victim = load_examples(data).examples[4].example_id
+    kind = "post" if column == "post_logprobs" else "targets"
+    key = victim if kind == "targets" else TargetReader(store).get(victim).response_hash
+    _rewrite_rows(store, kind, key, _nan_into(column))
+    if column != "token_logprob":
+        with pytest.raises(PactError, match="NaN or inf"):
+            TargetReader(store).get(victim)
+
+    summary, notes = _run(assets, data, store, value_dtype=value_dtype)
+    if kind == "targets":
+        assert (summary.non_finite, summary.computed, summary.skipped) == (1, 1, len(ROWS) - 1)
+        assert summary.responses_repaired == 0
+        assert "1 recomputed (non-finite)" in summary.line()
+        assert any("1 examples hold NaN or inf" in n for n in notes)
+    else:  # the response is recomputed, not the examples using it
+        assert (summary.non_finite, summary.computed, summary.responses_repaired) == (0, 0, 1)
+        assert summary.responses_computed == 1
+        assert "1 post-only response recomputed (non-finite or missing)" in summary.line()
+    repaired = _contents(store)  # reads every value, refusing NaN/inf
+    assert all(np.isfinite(v[2]).all() for v in repaired.values())
+    _assert_same(repaired, clean)
+    tokenizer = load_tokenizer(assets["ref"])
+    check_examples([encode_example(tokenizer, e, EncodingOptions(64)) for e in load_examples(data).examples], TargetReader(store))
+    assert _target_rows(store) == sum(len(v[1]) for v in clean.values())  # each example once
+    distinct = {v[1].tobytes(): len(v[1]) for v in clean.values()}  # response ids -> steps
+    assert sum(p["rows"] for p in store.parts("post")) == sum(distinct.values())  # each response once
+    on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
+    assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
+    again, _ = _run(assets, data, store, value_dtype=value_dtype)
+    assert (again.computed, again.non_finite, again.responses_repaired, again.parts_written) == (0, 0, 0, 0)
+
+
+def test_rerun_recomputes_missing_post_only_rows(assets, tmp_path):
+    """A stored example whose response has no post-only rows (what a kill between dropping
+    non-finite post rows and writing new ones leaves) gets them back without being recomputed."""
+    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    store = _new_store(tmp_path / "store", assets["vocab"])
+    _run(assets, data, store)
+    clean = _contents(store)
+    response = TargetReader(store).get(load_examples(data).examples[1].example_id).response_hash
+    _rewrite_rows(store, "post", response, lambda table, hit: table.filter(pa.array(~hit)))
+    with pytest.raises(PactError, match="post-only targets of its response are missing"):
+        _contents(store)
+    summary, notes = _run(assets, data, store)
+    assert (summary.computed, summary.responses_repaired, summary.responses_computed) == (0, 1, 1)
+    assert any("non-finite or missing post-only targets" in n for n in notes)
+    _assert_same(_contents(store), clean)
 
 
 # ----------------------------------------------------------------------------- resume, incremental, stale

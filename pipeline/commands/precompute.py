@@ -52,7 +52,8 @@ def precompute_command(
     """Run the reference model once over --data and cache its safety-token targets in --store.
 
     Resumable: examples already stored with the same token hash are skipped, so a rerun
-    after a crash computes only what is missing. Shards (--shard i/N) may run at the same
+    after a crash computes only what is missing; a rerun also recomputes stored targets
+    holding NaN or inf (the repair when `pact train` refuses them). Shards (--shard i/N) may run at the same
     time into one store. Under torchrun every rank computes its shard; rank 0 prints the
     summary once every rank's examples are stored (docs/distributed.md).
     """
