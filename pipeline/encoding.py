@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data import Example
 from store.errors import PactError
+
+if TYPE_CHECKING:  # the type only: encoding (and so the trainer) does not load data ingestion
+    from pipeline.data import Example
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("response_tail",)

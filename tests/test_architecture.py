@@ -80,3 +80,19 @@ def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
     ]  # fmt: skip
     refused = [n for n in names if within(n, "pipeline") and not within(n, "pipeline.encoding")]
     assert refused == ["pipeline", "pipeline.models", "pipeline.data", "pipeline.probe.probe_drift"]
+
+
+def test_importing_the_trainer_loads_no_pipeline_module_but_the_encoding() -> None:
+    """At run time too, transitively: `pipeline.encoding` imports `pipeline.data` for a type
+    annotation only, so loading the trainer does not load data ingestion."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trainer, trainer.train, trainer.batches, trainer.reference, trainer.validate\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'pipeline')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == ["pipeline", "pipeline.encoding"]
