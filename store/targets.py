@@ -414,7 +414,10 @@ class TargetReader:
         except (pa.ArrowException, OSError) as exc:
             raise PactError(f"example {example_id}: stored targets are unreadable ({' '.join(str(exc).split())[:200]})") from None
         if self.check_finite and not (np.all(np.isfinite(full)) and np.all(np.isfinite(post))):
-            raise PactError(f"example {example_id}: stored targets contain NaN or inf (corrupted part?)")
+            raise PactError(
+                f"example {example_id}: stored targets contain NaN or inf (corrupted part?); "
+                "rerun pact precompute over the same data to recompute them"
+            )
         return ExampleTargets(
             example_id=example_id,
             token_hash=rows.column("token_hash")[0].as_py(),

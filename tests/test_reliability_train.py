@@ -479,7 +479,7 @@ def test_nan_in_stored_targets_is_refused_with_one_line(kind, nan_target_runs):
     line = result.stderr.strip().splitlines()[-1]
     # post-only targets belong to a response: the first example read that has it is named
     named = example_id if kind == "targets" else r"ex-\d+"
-    assert re.fullmatch(rf"error: example {named}: stored targets contain NaN or inf \(corrupted part\?\)", line)
+    assert re.fullmatch(rf"error: example {named}: stored targets contain NaN or inf \(corrupted part\?\); rerun pact precompute over the same data to recompute them", line)
 
 
 def test_nan_in_stored_targets_is_refused_before_the_first_step(nan_target_runs):
