@@ -64,7 +64,7 @@ DEDUP_DATA = REPO_ROOT.parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
 CPU = dict(
     model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=8),
-    examples=16, seq_len=128, prompt_tokens=64, batch_size=8, repeats=3, dedup_rows=1000,
+    examples=64, seq_len=128, prompt_tokens=64, batch_size=8, repeats=3, dedup_rows=1000,
     memory_body=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4),
     memory_vocabs=(8000, 32000, 128000), memory_batches=(1, 4, 16), memory_seq_len=256,
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: CUDA when available (then the ~1B overhead model) (default: %(default)s)")
     parser.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
-    parser.add_argument("--examples", type=positive_int, help="examples of the overhead measure (default: 16 on CPU)")
+    parser.add_argument("--examples", type=positive_int, help="examples of the overhead measure (default: 64 on CPU)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's dynamic mmap threshold on in the memory processes; by default it is pinned "
                              "at 128 KiB so the peak RSS follows the live memory")
