@@ -694,3 +694,22 @@ def test_fused_bad_inputs_say_what_is_wrong(change: dict, message: str) -> None:
     args = {"labels": labels, "positions": positions, "safety_ids": safety_ids, **change}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         cross_entropy_and_subset(logits, **args)
+
+
+@pytest.mark.parametrize("gap", [40.0, 60.0, 80.0, 200.0])
+def test_target_stays_normalized_when_the_weighted_mass_underflows(gap: float) -> None:
+    """Regression (design audit): the top token of S has weight 0 and every weighted token
+    is `gap` nats lower, so sum(softmax(m / T) * w) ~ exp(-gap / T) is below float32's
+    reach. q must still be normalize(softmax(m / T) * w) = w / sum(w) here, and KL_t the
+    DESIGN formula (computed in float64 in log space), not a shrunken or negative value."""
+    weights = torch.tensor([0.0, 0.4, 0.6, 0.0])
+    full = torch.tensor([[[-0.01, -gap, -gap, -5.0]]])
+    mask = torch.ones(1, 1)
+    terms = pact_kl_terms(full, full, full, weights, mask)
+    q = pact_target(full, full, terms.gate, weights, PactConfig())
+    assert torch.allclose(q, torch.tensor([[[0.0, 0.4, 0.6, 0.0]]]), atol=1e-6)
+    temp = 2.0
+    log_p = torch.log_softmax(full.double() / temp, dim=-1)[0, 0]
+    expected = temp**2 * sum(qj * (math.log(qj) - float(log_p[j])) for j, qj in ((1, 0.4), (2, 0.6)))
+    assert float(terms.kl) == pytest.approx(expected, rel=1e-5)
+    assert float(terms.kl) > 0

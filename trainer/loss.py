@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -194,8 +193,21 @@ def pact_target(
 ) -> Tensor:
     """Target distribution ``q`` [B, T, S] over the safety subset (detached).
 
-    ``m = (1 - c) f + c o``; ``q = normalize(softmax(m / T) * w)``.
+    ``m = (1 - c) f + c o``; ``q = normalize(softmax(m / T) * w)``, computed as
+    ``softmax(m / T + log w)`` (the same distribution; exact also when the weighted
+    mass ``sum(softmax(m / T) * w)`` is too small for float32).
     """
+    return _pact_log_target(reference_full, reference_post, gate, weights, config).exp()
+
+
+def _pact_log_target(
+    reference_full: Tensor,
+    reference_post: Tensor,
+    gate: Tensor,
+    weights: Tensor,
+    config: PactConfig,
+) -> Tensor:
+    """``log q`` [B, T, S] of `pact_target` (-inf where the weight is 0), detached."""
     _check_subset(reference_full=reference_full, reference_post=reference_post)
     if gate.shape != reference_full.shape[:2]:
         raise ValueError(
@@ -206,10 +218,7 @@ def pact_target(
     with torch.no_grad():
         c = gate.detach().float()[..., None]
         m = (1.0 - c) * reference_full.detach().float() + c * reference_post.detach().float()
-        p_ref = torch.softmax(m / config.temperature, dim=-1)
-        q_unnorm = p_ref * w.view(1, 1, -1)
-        q = q_unnorm / q_unnorm.sum(dim=-1, keepdim=True).clamp_min(_EPS)
-    return q
+        return torch.log_softmax(m / config.temperature + w.float().log().view(1, 1, -1), dim=-1)
 
 
 def pact_kl_terms(
@@ -235,11 +244,12 @@ def pact_kl_terms(
     if not bool(n_valid > 0):
         raise ValueError("mask has no valid step: the batch has no response tokens")
     gate = pact_gate(student_logits, reference_post, m, config)
-    q = pact_target(reference_full, reference_post, gate, weights, config)
-    log_q = q.clamp_min(_EPS).log()
+    log_q = _pact_log_target(reference_full, reference_post, gate, weights, config)
+    q = log_q.exp()
     temp = config.temperature
     log_p = F.log_softmax(student_logits.float() / temp, dim=-1)
-    kl_t = temp**2 * (q * (log_q - log_p)).sum(dim=-1)
+    # 0 * log 0 = 0: tokens of weight 0 (log q = -inf) add nothing
+    kl_t = temp**2 * torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
     # where() rather than a product, so garbage on padded steps cannot leak in as nan.
     kl_per_step = torch.where(m > 0, kl_t, torch.zeros_like(kl_t))
     kl = kl_per_step.sum() / n_valid.clamp_min(1.0)
