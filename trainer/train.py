@@ -327,12 +327,23 @@ def _autocast_factory(device: str) -> Callable[[], contextlib.AbstractContextMan
     return contextlib.nullcontext
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (non-reentrant): transformers'
+    `activation_checkpointing_enable`, or its older name `gradient_checkpointing_enable`
+    (deprecated since transformers 5.2x) where the new one does not exist."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_student(config: TrainConfig, device: str, load_model: LoadModel) -> Any:
     """The model to fine-tune, loaded with `load_model`: full (all weights trainable) or
     wrapped with LoRA adapters."""
     model = load_model(config.model, dtype=_weights_dtype(config.finetune, device), device=device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     if config.finetune == "full":
         return model.train()
