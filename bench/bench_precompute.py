@@ -39,11 +39,11 @@ from bench.common import (
     REPO_ROOT,
     ForkedRunner,
     alternate,
+    apply_sizes,
     base_parser,
-    bench_workdir,
-    check_workdir,
+    bench_run,
+    finish,
     fmt,
-    machine,
     markdown_table,
     pin_mmap_threshold,
     positive_int,
@@ -52,7 +52,6 @@ from bench.common import (
     save_llama,
     summarize,
     synthetic_rows,
-    write_json,
     write_jsonl,
     write_safety_tokens,
 )
@@ -94,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser("bench_precompute", __doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: CUDA when available (then the ~1B overhead model) (default: %(default)s)")
-    parser.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
+    parser.add_store_shape()
     parser.add_argument("--examples", type=positive_int, help="examples of the overhead measure (default: 64 on CPU)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's dynamic mmap threshold on in the memory processes; by default it is pinned "
@@ -105,21 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=MEASURES,
                         help="run only this measure (repeat for several; default: all three)")
     args = parser.parse_args(argv)
-    check_workdir(parser, args.workdir)
-    from pipeline.models import resolve_device
-    from store.errors import PactError
-
-    try:
-        args.device = resolve_device(args.device)
-    except PactError as exc:
-        parser.error(str(exc))
     sizes = QUICK if args.quick else GPU if args.device.startswith("cuda") else CPU
-    for name in ("examples", "dedup_rows", "repeats"):
-        if getattr(args, name) is None:
-            setattr(args, name, sizes[name])
-    for name in ("model", "seq_len", "prompt_tokens", "batch_size", "memory_body", "memory_vocabs",
-                 "memory_batches", "memory_seq_len", "memory_prompt_tokens", "chunk_positions"):
-        setattr(args, name, sizes[name])
+    apply_sizes(args, sizes, ("examples", "dedup_rows", "repeats"),
+                ("model", "seq_len", "prompt_tokens", "batch_size", "memory_body", "memory_vocabs",
+                 "memory_batches", "memory_seq_len", "memory_prompt_tokens", "chunk_positions"))
     if args.num_safety >= min(args.model["vocab_size"], *args.memory_vocabs):
         parser.error(f"--num-safety {args.num_safety} must be below the smallest vocabulary measured")
     return args
@@ -569,11 +557,9 @@ def tables(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    started = time.time()
-    with bench_workdir(args.workdir, "pact-bench-precompute-", hash_cache=False) as workdir:
+    with bench_run(args, "precompute") as (workdir, result):
         import torch
 
-        result: dict[str, Any] = {"benchmark": "precompute", "quick": args.quick, "machine": machine()}
         result["parameters"] = {
             k: getattr(args, k)
             for k in ("device", "num_safety", "examples", "seq_len", "prompt_tokens", "batch_size", "repeats",
@@ -584,22 +570,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in MEASURES:
             if not args.only or name in args.only:
                 result[name] = measures[name](args, workdir)
-        result["seconds_total"] = time.time() - started
-        return result
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    result["command"] = "python -m bench.bench_precompute " + " ".join(sys.argv[1:] if argv is None else argv)
     o = result.get("overhead")
-    if o is not None:
-        print(f"overhead model: {o['model_parameters'] / 1e6:.1f}M parameters, {args.device}; "
-              f"{o['examples']} examples x {args.seq_len} tokens, batch {args.batch_size}; median of {args.repeats} alternated rounds")
-    print(tables(result))
-    path = write_json(args.out, result)
-    print(f"\nwrote {path}")
-    return 0
+    header = [] if o is None else [
+        f"overhead model: {o['model_parameters'] / 1e6:.1f}M parameters, {args.device}; "
+        f"{o['examples']} examples x {args.seq_len} tokens, batch {args.batch_size}; median of {args.repeats} alternated rounds"
+    ]
+    return finish("bench_precompute", argv, args.out, result, *header, tables(result))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +37,14 @@ from tqdm import tqdm
 from bench.common import (
     alternate,
     base_parser,
-    check_workdir,
+    bench_run,
+    finish,
     fmt,
-    machine,
     markdown_table,
     peak_rss_mb,
     positive_int,
     summarize,
     synthetic_store,
-    write_json,
 )
 from store.manifest import Store
 from store.sql import connect_readonly
@@ -120,11 +116,9 @@ def run_query(name: str, run_a: Store, run_b: Store) -> list[tuple]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser("bench_sql", __doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=positive_int, default=None, help="minimum confidences rows of run A (default 10000000)")
-    parser.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
-    parser.add_argument("--max-steps", type=positive_int, default=64, help="longest response (default: %(default)s)")
+    parser.add_store_shape(max_steps=True)
     parser.add_argument("--profile", action="store_true", help="also store each query's EXPLAIN ANALYZE operator timings in the JSON")
     args = parser.parse_args(argv)
-    check_workdir(parser, args.workdir)
     if args.rows is None:
         args.rows = 20_000 if args.quick else 10_000_000
     if args.repeats is None:
@@ -189,11 +183,7 @@ def query_memory(name: str, run_a: Store, run_b: Store) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both runs, time every query; the JSON payload."""
-    started = time.time()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pact-bench-sql-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        result: dict[str, Any] = {"benchmark": "sql", "quick": args.quick, "machine": machine()}
+    with bench_run(args, "sql") as (workdir, result):
         result["parameters"] = {k: getattr(args, k) for k in ("rows", "num_safety", "max_steps", "repeats", "seed")}
         run_a, run_b, result["stores"] = build_runs(args, workdir)
         result["duckdb_threads"] = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
@@ -217,11 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if args.profile:
                 result["queries"][name]["profile"] = profile(name, run_a, run_b)
-        result["seconds_total"] = time.time() - started
-        return result
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
@@ -235,14 +221,10 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    result["command"] = "python -m bench.bench_sql " + " ".join(sys.argv[1:] if argv is None else argv)
     a = result["stores"]["run_a"]
-    print(f"run A: {a['examples']:,} examples, {a['steps']:,} steps, {a['confidences_rows']:,} confidences rows; "
-          f"{result['parameters']['repeats']} alternated rounds after a warm-up\n")
-    print(table(result))
-    path = write_json(args.out, result)
-    print(f"\nwrote {path}")
-    return 0
+    header = (f"run A: {a['examples']:,} examples, {a['steps']:,} steps, {a['confidences_rows']:,} confidences rows; "
+              f"{result['parameters']['repeats']} alternated rounds after a warm-up\n")
+    return finish("bench_sql", argv, args.out, result, header, table(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,16 @@ from tqdm import tqdm
 from bench.common import (
     StoreStats,
     alternate,
+    apply_sizes,
     base_parser,
-    check_workdir,
+    bench_run,
+    finish,
     fmt,
-    machine,
     markdown_table,
     peak_rss_mb,
     positive_int,
     summarize,
     synthetic_store,
-    write_json,
 )
 
 JOIN_GOAL = 50.0
@@ -75,8 +74,7 @@ QUICK = dict(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser("bench_store", __doc__.split("\n\n")[0])
-    parser.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
-    parser.add_argument("--max-steps", type=positive_int, default=64, help="longest response (default: %(default)s)")
+    parser.add_store_shape(max_steps=True)
     parser.add_argument("--ab-examples", type=positive_int, help="examples per float32/float16 store (default 2000)")
     parser.add_argument("--cache-examples", type=positive_int, help="examples of the big cache (default 100000)")
     parser.add_argument("--read-examples", type=positive_int, help="random gets per read round (default 20000)")
@@ -84,12 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, help="training batch size (default 8)")
     parser.add_argument("--seq-len", type=positive_int, help="training sequence length (default 128)")
     args = parser.parse_args(argv)
-    check_workdir(parser, args.workdir)
-    sizes = QUICK if args.quick else FULL
-    for name in ("ab_examples", "cache_examples", "read_examples", "join_batches", "batch_size", "seq_len", "repeats"):
-        if getattr(args, name) is None:
-            setattr(args, name, sizes[name])
-    args.model = sizes["model"]
+    apply_sizes(args, QUICK if args.quick else FULL,
+                ("ab_examples", "cache_examples", "read_examples", "join_batches", "batch_size", "seq_len", "repeats"),
+                ("model",))
     if args.read_examples > args.cache_examples:
         parser.error(f"--read-examples {args.read_examples} exceeds --cache-examples {args.cache_examples}")
     if args.batch_size > args.cache_examples:
@@ -303,11 +298,7 @@ def table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    started = time.time()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pact-bench-store-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        result: dict[str, Any] = {"benchmark": "store", "quick": args.quick, "machine": machine()}
+    with bench_run(args, "store") as (workdir, result):
         result["parameters"] = {
             k: getattr(args, k)
             for k in ("num_safety", "max_steps", "ab_examples", "cache_examples", "read_examples",
@@ -320,21 +311,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["join"] = measure_join(args, reader, lengths)
         del reader
         result["memory"] = measure_memory(args, cache, result["cache"]["bytes"])
-        result["seconds_total"] = time.time() - started
-        return result
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    result["command"] = "python -m bench.bench_store " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(table(result))
-    path = write_json(args.out, result)
-    print(f"\nwrote {path}")
-    return 0
+    return finish("bench_store", argv, args.out, result, table(result))
 
 
 if __name__ == "__main__":

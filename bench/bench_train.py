@@ -37,18 +37,17 @@ from typing import Any
 
 from bench.common import (
     ForkedRunner,
+    apply_sizes,
     base_parser,
-    bench_workdir,
-    check_workdir,
+    bench_run,
+    finish,
     fmt,
-    machine,
     markdown_table,
     pin_mmap_threshold,
     process_memory_mb,
     save_llama,
     summarize,
     synthetic_rows,
-    write_json,
     write_jsonl,
     write_safety_tokens,
 )
@@ -89,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", dest="model_size", choices=("45m", "100m"), default="45m",
                         help="CPU model config: 45m (hidden 512, 4 layers) or 100m (hidden 768, 8 layers; "
                              "~3x the time); ignored on CUDA (~1B) and with --quick (default: %(default)s)")
-    parser.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
+    parser.add_store_shape()
     parser.add_argument("--batch-size", type=positive_int, help="examples per step (default: 4 on CPU, 8 on CUDA)")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per example (default: 128 on CPU, 512 on CUDA)")
     parser.add_argument("--rounds", type=positive_int, help="alternated step-time rounds after one warm-up round (default: 4 on CPU, 10 on CUDA)")
@@ -98,22 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "by default it is pinned at 128 KiB so the peak RSS follows the live memory")
     parser.add_argument("--memory-steps", type=int, help="optimizer steps per memory process, >= 2 (default: 2)")
     args = parser.parse_args(argv)
-    check_workdir(parser, args.workdir)
-    from pipeline.models import resolve_device
-    from store.errors import PactError
-
-    try:
-        args.device = resolve_device(args.device)
-    except PactError as exc:
-        parser.error(str(exc))
     cpu = CPU_100M if args.model_size == "100m" else CPU
     sizes = QUICK if args.quick else GPU if args.device.startswith("cuda") else cpu
-    for name in ("batch_size", "seq_len", "rounds", "memory_steps", "repeats"):
-        if getattr(args, name) is None:
-            setattr(args, name, sizes[name])
+    apply_sizes(args, sizes, ("batch_size", "seq_len", "rounds", "memory_steps", "repeats"), ("model",))
     if args.memory_steps < 2:
         parser.error(f"--memory-steps must be >= 2 (the second step holds the AdamW states too), got {args.memory_steps}")
-    args.model = sizes["model"]
     args.prompt_tokens = min(sizes["prompt_tokens"], args.seq_len // 2)
     if args.seq_len - args.prompt_tokens < 8:
         parser.error(f"--seq-len {args.seq_len} leaves no room for a response; give at least 16")
@@ -430,11 +418,9 @@ def table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    started = time.time()
-    with bench_workdir(args.workdir, "pact-bench-train-", hash_cache=True) as workdir:
+    with bench_run(args, "train", hash_cache=True) as (workdir, result):
         import torch
 
-        result: dict[str, Any] = {"benchmark": "train", "quick": args.quick, "machine": machine()}
         result["parameters"] = {
             k: getattr(args, k)
             for k in ("device", "num_safety", "batch_size", "seq_len", "prompt_tokens", "rounds", "memory_steps", "repeats",
@@ -443,22 +429,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["parameters"]["torch_threads"] = torch.get_num_threads()
         result["world"] = build_world(args, workdir)
         result["variants"] = measure(args, result["world"], workdir)
-        result["seconds_total"] = time.time() - started
-        return result
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    result["command"] = "python -m bench.bench_train " + " ".join(sys.argv[1:] if argv is None else argv)
     world = result["world"]
-    print(f"model: {world['parameters'] / 1e6:.1f}M parameters, {args.device}; batch {args.batch_size} x {args.seq_len} tokens "
-          f"({fmt(world['response_tokens_per_example'])} response tokens each); memory: median of {args.repeats} processes; "
-          f"step time: median of {args.rounds} alternated steps")
-    print(table(result))
-    path = write_json(args.out, result)
-    print(f"\nwrote {path}")
-    return 0
+    header = (f"model: {world['parameters'] / 1e6:.1f}M parameters, {args.device}; batch {args.batch_size} x {args.seq_len} tokens "
+              f"({fmt(world['response_tokens_per_example'])} response tokens each); memory: median of {args.repeats} processes; "
+              f"step time: median of {args.rounds} alternated steps")
+    return finish("bench_train", argv, args.out, result, header, table(result))
 
 
 if __name__ == "__main__":

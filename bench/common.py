@@ -5,7 +5,9 @@
 - `peak_rss_mb`: peak resident memory of a snippet run in a fresh subprocess.
 - `synthetic_store`: a store written with the real writer (`store.targets.TargetWriter`),
   random log-probs, response lengths drawn uniformly in [1, max_steps].
-- `machine`, `markdown_table`, `write_json`, `base_parser`: what every script prints/writes.
+- `machine`, `markdown_table`, `write_json`, `finish`: what every script prints/writes;
+  `base_parser` (a `BenchParser`) and `apply_sizes`: the options and checks the scripts
+  share; `bench_run`: a run's work directory (`bench_workdir`) and the payload's frame.
 - `ForkedRunner`: a function in a fresh process per call, forked from a server that has
   already imported torch/transformers (seconds of start-up saved per process);
   `process_memory_mb` / `reset_peak_rss` read and reset a process's peak RSS,
@@ -294,9 +296,37 @@ def positive_int(text: str) -> int:
     return value
 
 
-def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+class BenchParser(argparse.ArgumentParser):
+    """A benchmark script's parser (made by `base_parser`): `add_store_shape` adds the shape
+    options of the synthetic stores, and `parse_args` runs the checks every script shares."""
+
+    def add_store_shape(self, *, max_steps: bool = False) -> None:
+        """--num-safety (|S| of the synthetic safety set, default 50) and, with `max_steps`,
+        --max-steps (the longest synthetic response, default 64)."""
+        self.add_argument("--num-safety", type=positive_int, default=50, help="|S| (default: %(default)s)")
+        if max_steps:
+            self.add_argument("--max-steps", type=positive_int, default=64, help="longest response (default: %(default)s)")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """Parse, then refuse a --workdir that holds files (`check_workdir`) and, where the
+        script has a --device option, resolve it with `pipeline.models.resolve_device`
+        ("auto": CUDA when available); a device it refuses is a usage error."""
+        parsed = super().parse_args(args, namespace)
+        check_workdir(self, parsed.workdir)
+        if "device" in vars(parsed):
+            from pipeline.models import resolve_device
+            from store.errors import PactError
+
+            try:
+                parsed.device = resolve_device(parsed.device)
+            except PactError as exc:
+                self.error(str(exc))
+        return parsed
+
+
+def base_parser(name: str, description: str) -> BenchParser:
     """The options every benchmark script has: --quick, --out, --repeats, --workdir, --seed."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    parser = BenchParser(prog=f"python -m bench.{name}", description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test); numbers mean nothing")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR / f"{name.removeprefix('bench_')}.json",
@@ -314,6 +344,16 @@ def check_workdir(parser: argparse.ArgumentParser, workdir: Path | None) -> None
         return
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         parser.error(f"--workdir {workdir} is not an empty directory; give a new or empty one")
+
+
+def apply_sizes(args: argparse.Namespace, sizes: dict[str, Any], defaults: tuple[str, ...], fixed: tuple[str, ...] = ()) -> None:
+    """Take the size preset `sizes` (quick/CPU/GPU): every name of `defaults` the command line
+    left unset (None), and every name of `fixed` whatever it says."""
+    for name in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, sizes[name])
+    for name in fixed:
+        setattr(args, name, sizes[name])
 
 
 @contextlib.contextmanager
@@ -335,6 +375,30 @@ def bench_workdir(workdir: Path | None, prefix: str, *, hash_cache: bool) -> Ite
             os.environ["PACT_CACHE_DIR"] = previous_cache
         if workdir is None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_run(args: argparse.Namespace, benchmark: str, *, hash_cache: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A run of benchmark `benchmark`: yields its work directory (`bench_workdir` of
+    --workdir, prefix `pact-bench-<benchmark>-`) and the JSON payload, begun with the
+    benchmark's name, --quick and `machine()`; on a normal exit the payload's last key
+    `seconds_total` is the time since entry."""
+    started = time.time()
+    with bench_workdir(args.workdir, f"pact-bench-{benchmark}-", hash_cache=hash_cache) as workdir:
+        result: dict[str, Any] = {"benchmark": benchmark, "quick": args.quick, "machine": machine()}
+        yield workdir, result
+        result["seconds_total"] = time.time() - started
+
+
+def finish(name: str, argv: list[str] | None, out: Path, result: dict[str, Any], *texts: str) -> int:
+    """The end of every script's `main`: record the command line in `result`, print `texts`
+    (a summary line, the table), write the JSON to `out` and say where. Returns 0 (the exit status)."""
+    result["command"] = f"python -m bench.{name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    for text in texts:
+        print(text)
+    path = write_json(out, result)
+    print(f"\nwrote {path}")
+    return 0
 
 
 def fmt(value: float, digits: int = 3) -> str:

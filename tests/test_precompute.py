@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from fault_harness import read_all_targets
 from tiny import make_model, make_tokenizer
 
 from pipeline.commands.precompute import precompute_command
@@ -125,16 +126,6 @@ def _run(assets, data, store, model="ref", **kwargs):
     notes: list[str] = []
     summary = run_precompute(assets[model], data, store.root, _opts(**kwargs), echo=notes.append)
     return summary, notes
-
-
-def _contents(store: Store) -> dict[str, tuple]:
-    """example_id -> (token_hash, token ids, token logprobs, entropy, full, post)."""
-    reader = TargetReader(store)
-    out = {}
-    for example_id in reader.example_ids():
-        t = reader.get(example_id)
-        out[example_id] = (t.token_hash, t.token_ids, t.token_logprobs, t.entropy, t.full_logprobs, t.post_logprobs)
-    return out
 
 
 def _assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -288,7 +279,7 @@ def test_float16_values_error_is_bounded(assets, tmp_path):
     s16 = _new_store(tmp_path / "s16", assets["vocab"])
     _run(assets, data, s32)
     summary, _ = _run(assets, data, s16, value_dtype="float16")
-    a, b = _contents(s32), _contents(s16)
+    a, b = read_all_targets(s32), read_all_targets(s16)
     assert pq.read_schema(s16.resolve(s16.parts("targets")[0]["path"])).field("full_logprobs").type.value_type == pa.float16()
     for key in a:
         for full32, full16 in ((a[key][4], b[key][4]), (a[key][5], b[key][5])):
@@ -325,7 +316,7 @@ def test_max_batch_tokens_gives_same_targets(assets, tmp_path):
     b = _new_store(tmp_path / "b", assets["vocab"])
     _run(assets, data, a, batch_size=1)
     _run(assets, data, b, batch_size=8, max_batch_tokens=60, chunk_positions=1000)
-    _assert_same(_contents(a), _contents(b))
+    _assert_same(read_all_targets(a), read_all_targets(b))
 
 
 # ----------------------------------------------------------------------------- post-only passes
@@ -372,7 +363,7 @@ def test_post_only_passes_are_full_batches_across_example_batches(assets, tmp_pa
     assert post_passes == [4, 4, 4, 4]
     one = _new_store(tmp_path / "one", assets["vocab"])
     _run(assets, data, one, batch_size=1)  # every pass a single sequence
-    _assert_same(_contents(store), _contents(one))
+    _assert_same(read_all_targets(store), read_all_targets(one))
 
 
 def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_passes, monkeypatch):
@@ -409,7 +400,7 @@ def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_pa
     limited = _new_store(tmp_path / "limited", assets["vocab"])
     _run(assets, data, limited, batch_size=4, examples_per_part=64)
     assert sizes == [4, 4, 4, 4] and post_passes == [4, 4, 4, 4]
-    _assert_same(_contents(limited), _contents(store))
+    _assert_same(read_all_targets(limited), read_all_targets(store))
 
 
 def test_plan_post_only_groups():
@@ -480,7 +471,7 @@ def test_rerun_repairs_non_finite_stored_values(column, value_dtype, assets, tmp
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     store = _new_store(tmp_path / "store", assets["vocab"])
     _run(assets, data, store, value_dtype=value_dtype)
-    clean = _contents(store)
+    clean = read_all_targets(store)
     victim = load_examples(data).examples[4].example_id
     kind = "post" if column == "post_logprobs" else "targets"
     key = victim if kind == "targets" else TargetReader(store).get(victim).response_hash
@@ -499,7 +490,7 @@ def test_rerun_repairs_non_finite_stored_values(column, value_dtype, assets, tmp
         assert (summary.non_finite, summary.computed, summary.responses_repaired) == (0, 0, 1)
         assert summary.responses_computed == 1
         assert "1 post-only response recomputed (non-finite or missing)" in summary.line()
-    repaired = _contents(store)  # reads every value, refusing NaN/inf
+    repaired = read_all_targets(store)  # reads every value, refusing NaN/inf
     assert all(np.isfinite(v[2]).all() for v in repaired.values())
     _assert_same(repaired, clean)
     tokenizer = load_tokenizer(assets["ref"])
@@ -519,15 +510,15 @@ def test_rerun_recomputes_missing_post_only_rows(assets, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     store = _new_store(tmp_path / "store", assets["vocab"])
     _run(assets, data, store)
-    clean = _contents(store)
+    clean = read_all_targets(store)
     response = TargetReader(store).get(load_examples(data).examples[1].example_id).response_hash
     _rewrite_rows(store, "post", response, lambda table, hit: table.filter(pa.array(~hit)))
     with pytest.raises(PactError, match="post-only targets of its response are missing"):
-        _contents(store)
+        read_all_targets(store)
     summary, notes = _run(assets, data, store)
     assert (summary.computed, summary.responses_repaired, summary.responses_computed) == (0, 1, 1)
     assert any("non-finite or missing post-only targets" in n for n in notes)
-    _assert_same(_contents(store), clean)
+    _assert_same(read_all_targets(store), clean)
 
 
 # ----------------------------------------------------------------------------- resume, incremental, stale
@@ -563,7 +554,7 @@ def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
     (store.root / "post" / ".tmp-part-s0of1-x.parquet.123").write_bytes(b"half")
     summary, _ = _run(assets, data, store)
     assert (summary.computed, summary.skipped) == (len(ROWS) - registered, registered)
-    _assert_same(_contents(store), _contents(reference))
+    _assert_same(read_all_targets(store), read_all_targets(reference))
     assert _target_rows(store) == _target_rows(reference)  # every example exactly once
     assert not list(store.root.rglob(".tmp-*"))
     on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
@@ -583,7 +574,7 @@ def test_incremental_computes_only_new_rows(assets, tmp_path):
     assert summary.responses_computed == len({r["completion"] for r in MORE_ROWS} - old_responses)
     fresh = _new_store(tmp_path / "fresh", assets["vocab"])
     _run(assets, data, fresh)
-    _assert_same(_contents(store), _contents(fresh))
+    _assert_same(read_all_targets(store), read_all_targets(fresh))
 
 
 def test_stale_examples_are_recomputed_when_max_length_changes(assets, tmp_path):
@@ -608,7 +599,7 @@ def test_stale_examples_are_recomputed_when_max_length_changes(assets, tmp_path)
     assert store.read_manifest()["reference"]["encoding"]["max_length"] == 64
     fresh = _new_store(tmp_path / "fresh", assets["vocab"])
     _run(assets, data, fresh, max_length=64)
-    _assert_same(_contents(store), _contents(fresh))
+    _assert_same(read_all_targets(store), read_all_targets(fresh))
     assert not list(store.root.rglob(".tmp-*"))
     on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
     assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
@@ -627,7 +618,7 @@ def test_new_reference_model_recomputes_everything(assets, tmp_path):
     assert not any(store.resolve(p).exists() for p in old_parts)
     fresh = _new_store(tmp_path / "fresh", assets["vocab"])
     _run(assets, data, fresh, model="other")
-    _assert_same(_contents(store), _contents(fresh))
+    _assert_same(read_all_targets(store), read_all_targets(fresh))
     assert manifest["reference"] == fresh.read_manifest()["reference"]
 
 
@@ -664,7 +655,7 @@ def test_two_shards_equal_one_run(assets, tmp_path):
     s1, _ = _run(assets, data, sharded, shard=Shard.parse("1/2"))
     assert (s0.computed, s1.computed) == tuple(owned)
     assert (s0.examples, s1.examples) == tuple(owned)
-    _assert_same(_contents(sharded), _contents(single))
+    _assert_same(read_all_targets(sharded), read_all_targets(single))
     names = [p["path"] for p in sharded.read_manifest()["parts"]]
     assert all("-s0of2-" in n or "-s1of2-" in n for n in names)
     assert _target_rows(sharded) == _target_rows(single)
@@ -692,7 +683,7 @@ def test_concurrent_shards_equal_one_run(assets, tmp_path):
     for thread in threads:
         thread.join()
     assert not errors
-    _assert_same(_contents(shared), _contents(single))
+    _assert_same(read_all_targets(shared), read_all_targets(single))
 
 
 def test_bfloat16_compute_is_close_to_float32(assets, tmp_path):
@@ -702,7 +693,7 @@ def test_bfloat16_compute_is_close_to_float32(assets, tmp_path):
     _run(assets, data, s32)
     _run(assets, data, s16, dtype="bfloat16")
     assert s16.read_manifest()["reference"]["compute_dtype"] == "bfloat16"
-    _assert_same(_contents(s16), _contents(s32), atol=0.1)
+    _assert_same(read_all_targets(s16), read_all_targets(s32), atol=0.1)
 
 
 @pytest.mark.parametrize(
@@ -740,7 +731,7 @@ def test_confidences_view_after_precompute(assets, tmp_path):
     sql = "select step, avg(prob) from confidences where context='full' group by step order by step"
     columns, rows = query(store, sql)
     assert columns[0] == "step"
-    contents = _contents(store)
+    contents = read_all_targets(store)
     longest = max(v[4].shape[0] for v in contents.values())
     assert [r[0] for r in rows] == list(range(longest))
     for step, mean in rows:

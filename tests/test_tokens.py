@@ -141,6 +141,15 @@ def world(tmp_path_factory):
     }
 
 
+def _cli_args(world, aligned: Path, data: Path, store: Path | None, *extra) -> list:
+    """`pact tokens` arguments: --aligned `aligned`, --base the world's base model, --data
+    `data`, --store `store` (left out when None), then `extra`."""
+    args = ["--aligned", aligned, "--base", world["base"], "--data", data]
+    if store is not None:
+        args += ["--store", store]
+    return args + list(extra)
+
+
 def _invoke(args: list[str]):
     return CliRunner().invoke(tokens_command, [str(a) for a in args])
 
@@ -409,24 +418,8 @@ def test_pref_logratio_scores_preferred_tokens_negative(world) -> None:
 
 def test_pact_tokens_finds_planted_tokens_and_writes_the_store(world, tmp_path) -> None:
     store_dir = tmp_path / "store"
-    result = _ok(
-        [
-            "--aligned",
-            world["planted"],
-            "--base",
-            world["base"],
-            "--data",
-            world["data"],
-            "--store",
-            store_dir,
-            "--top-k",
-            "10",
-            "--batch-size",
-            "2",
-            "--show",
-            "3",
-        ]
-    )
+    options = ["--top-k", "10", "--batch-size", "2", "--show", "3"]
+    result = _ok(_cli_args(world, world["planted"], world["data"], store_dir, *options))
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("safety tokens |S| = 10 (")
     assert "examples used: 5" in summary and "rows without refusal skipped: 1" in summary
@@ -494,18 +487,7 @@ def test_pact_tokens_finds_planted_tokens_and_writes_the_store(world, tmp_path) 
 
 
 def test_batch_size_does_not_change_the_store(world, tmp_path) -> None:
-    common = [
-        "--aligned",
-        world["planted"],
-        "--base",
-        world["base"],
-        "--data",
-        world["data"],
-        "--top-k",
-        "16",
-        "--show",
-        "0",
-    ]
+    common = _cli_args(world, world["planted"], world["data"], None, "--top-k", "16", "--show", "0")
     _ok(common + ["--store", tmp_path / "one", "--batch-size", "1"])
     _ok(common + ["--store", tmp_path / "many", "--batch-size", "8"])
     one, many = load_safety_set(Store(tmp_path / "one")), load_safety_set(Store(tmp_path / "many"))
@@ -515,18 +497,7 @@ def test_batch_size_does_not_change_the_store(world, tmp_path) -> None:
 
 def test_existing_targets_need_force(world, tmp_path) -> None:
     store_dir = tmp_path / "store"
-    common = [
-        "--aligned",
-        world["aligned"],
-        "--base",
-        world["base"],
-        "--data",
-        world["data"],
-        "--store",
-        store_dir,
-        "--show",
-        "0",
-    ]
+    common = _cli_args(world, world["aligned"], world["data"], store_dir, "--show", "0")
     _ok(common + ["--top-k", "8"])
     writer = TargetWriter(Store(store_dir), num_safety=load_safety_set(Store(store_dir)).size)
     steps = np.zeros((2, writer.num_safety), dtype=np.float32)
@@ -555,18 +526,7 @@ def test_generate_refusals_fills_missing_ones(world, tmp_path) -> None:
     ]
     data = _write_jsonl(tmp_path / "prompts.jsonl", rows)
     store_dir = tmp_path / "store"
-    common = [
-        "--aligned",
-        world["planted"],
-        "--base",
-        world["base"],
-        "--data",
-        data,
-        "--store",
-        store_dir,
-        "--show",
-        "0",
-    ]
+    common = _cli_args(world, world["planted"], data, store_dir, "--show", "0")
 
     _ok(
         common
@@ -676,20 +636,7 @@ def test_real_safety_refusals_first_16_rows(world, tmp_path) -> None:
     data = tmp_path / "safety16.json"
     data.write_text(json.dumps(rows), encoding="utf-8")
     store_dir = tmp_path / "store"
-    result = _ok(
-        [
-            "--aligned",
-            world["planted"],
-            "--base",
-            world["base"],
-            "--data",
-            data,
-            "--store",
-            store_dir,
-            "--show",
-            "5",
-        ]
-    )
+    result = _ok(_cli_args(world, world["planted"], data, store_dir, "--show", "5"))
     assert "examples used: 16" in result.stdout
     safety = load_safety_set(Store(store_dir))
     assert safety.size == 50 and 0 < np.count_nonzero(safety.weights) < 50
