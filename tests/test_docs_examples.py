@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -63,3 +64,13 @@ def test_loss_md_own_loop_example_runs_and_computes_ce_plus_kl():
     # the HF Trainer subclass is defined against the same names
     exec(compile(hf_trainer, "docs/loss.md", "exec"), namespace)
     assert "compute_loss" in vars(namespace["PactTrainer"])
+
+
+def test_docs_hold_no_repeated_paragraph():
+    """A runaway edit once replaced docs/reliability.md with 22,000 copies of one paragraph;
+    a paragraph (4+ lines) appearing twice in one page is such a slip."""
+    pages = [DOCS.parent / "README.md", *sorted(DOCS.rglob("*.md"))]
+    for page in pages:
+        paragraphs = [p.strip() for p in page.read_text().split("\n\n") if p.strip().count("\n") >= 3]
+        repeated = {p[:80] for p, n in Counter(paragraphs).items() if n > 1}
+        assert not repeated, f"{page.relative_to(DOCS.parent)} repeats: {sorted(repeated)}"
