@@ -15,6 +15,7 @@ from typing import Any
 from store.errors import PactError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
@@ -132,8 +133,8 @@ def _cached_file_sha256(path: Path) -> str:
     return cache[key]
 
 
-def config_fingerprint(path: str | os.PathLike) -> str:
-    """Hash of config.json without volatile keys (paths, library versions, dtype)."""
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The model directory's config.json as a dict."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise PactError(f"model directory {path} has no config.json")
@@ -141,6 +142,42 @@ def config_fingerprint(path: str | os.PathLike) -> str:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PactError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PactError(f"{config_file} is not a JSON object")
+    return config
+
+
+def context_length(path: str | os.PathLike) -> int | None:
+    """The model's context window in tokens, as its config.json states it (None if it
+    names none): `max_position_embeddings`, `n_positions`, `max_sequence_length` or
+    `seq_length`, whichever comes first (a text model's nested `text_config` too)."""
+    config = _read_config(path)
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def past_context_warning(path: str | os.PathLike, lengths: list[int], what: str) -> str | None:
+    """A one-line warning when some of `lengths` (tokens per encoded example) exceed the
+    context window of the model at `path`, else None."""
+    limit = context_length(path)
+    longer = 0 if limit is None else sum(1 for n in lengths if n > limit)
+    if not longer:
+        return None
+    return (
+        f"warning: {longer} of {len(lengths)} {what} are longer than the model's context window "
+        f"({limit} tokens, config.json): positions past it are outside what the model was trained "
+        f"on; --max-length {limit} keeps them within it (the response tail is cut; --skip-invalid "
+        "drops those whose prompt alone is longer)"
+    )
+
+
+def config_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of config.json without volatile keys (paths, library versions, dtype)."""
+    config = _read_config(path)
     config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 

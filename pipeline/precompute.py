@@ -70,6 +70,7 @@ from pipeline.models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    past_context_warning,
     resolve_device,
     resolve_dtype,
 )
@@ -740,6 +741,9 @@ def run_precompute(
 
     for line in summary.dropped:
         say(f"skipped {line}")
+    too_long = past_context_warning(model_dir, [len(e.input_ids) for e in encoded], "examples")
+    if too_long:
+        say(too_long)
     # Every rank plans against the store before any rank rewrites stored rows.
     with _agreeing(world):
         reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)

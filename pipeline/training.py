@@ -100,6 +100,9 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
             examples, desc="encode", unit="ex", file=sys.stderr, leave=False, disable=not ranks.is_main
         )
     ]
+    too_long = models.past_context_warning(config.model, [len(e.input_ids) for e in encoded], "examples")
+    if too_long and ranks.is_main:
+        tqdm.write(too_long, file=sys.stderr)
     reader = None
     if use_targets:
         reader = TargetReader(store, memory_budget_mb=config.targets_memory_mb)

@@ -28,7 +28,7 @@ from pipeline.encoding import (
     encode_example,
     post_only_ids,
 )
-from pipeline.models import load_model, load_tokenizer
+from pipeline.models import context_length, load_model, load_tokenizer
 from pipeline.precompute import (
     PrecomputeOptions,
     Shard,
@@ -852,3 +852,54 @@ def test_real_sst2_rows_dedupe_post_targets(assets, tmp_path):
     assert len(entries) == sum(r["step"] == 0 for r in all_post) == len(distinct)
     target_hashes = {r[0] for r in query(store, "select distinct response_hash from targets")[1]}
     assert target_hashes == entries
+
+
+def _short_context_model(assets, root: Path, positions: int) -> Path:
+    """A copy of the reference whose config.json states a context window of `positions`."""
+    target = root / f"ref-context-{positions}"
+    shutil.copytree(assets["ref"], target)
+    config = json.loads((target / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_examples_past_the_context_window_are_warned_about(assets, tmp_path):
+    """A --max-length above the reference's context window lets examples run past the
+    positions it was trained on: precompute says how many, and the flag that cuts them."""
+    model = _short_context_model(assets, tmp_path, 20)
+    rows = [{"id": f"x{i}", "prompt": "hello " * (i + 1), "completion": "positive"} for i in range(4)]
+    data = _write_jsonl(tmp_path / "long.jsonl", rows)
+    lengths = sorted(
+        len(encode_example(load_tokenizer(model), e, EncodingOptions(max_length=64)).input_ids)
+        for e in load_examples(data).examples
+    )
+    longer = sum(n > 20 for n in lengths)
+    assert 0 < longer < 4, lengths  # the case is not vacuous
+    notes: list[str] = []
+    run_precompute(model, data, _new_store(tmp_path / "s1", assets["vocab"]).root, _opts(), echo=notes.append)
+    assert (
+        f"warning: {longer} of 4 examples are longer than the model's context window (20 tokens, "
+        "config.json): positions past it are outside what the model was trained on; "
+        "--max-length 20 keeps them within it (the response tail is cut; --skip-invalid drops those "
+        "whose prompt alone is longer)"
+    ) in notes
+    notes.clear()
+    run_precompute(model, data, _new_store(tmp_path / "s2", assets["vocab"]).root, _opts(max_length=20, skip_invalid=True), echo=notes.append)
+    assert not [n for n in notes if n.startswith("warning:")]
+
+
+def test_context_length_reads_the_usual_config_keys(tmp_path):
+    cases = [
+        ({"max_position_embeddings": 4096}, 4096),
+        ({"n_positions": 1024}, 1024),
+        ({"text_config": {"max_position_embeddings": 8192}}, 8192),
+        ({"max_position_embeddings": None, "seq_length": 2048}, 2048),
+        ({"vocab_size": 10}, None),
+    ]
+    for config, expected in cases:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert context_length(tmp_path) == expected, config
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(PactError, match="config.json is not a JSON object"):
+        context_length(tmp_path)

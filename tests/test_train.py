@@ -895,3 +895,17 @@ def test_resume_prunes_checkpoints_a_killed_run_left_unpruned(world: World, tmp_
     shutil.copytree(out / "checkpoints" / "step-2", out / "checkpoints" / "step-1")
     run_train(make_config(world, out, finetune="full", max_steps=3, save_every=1, resume=True))
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == kept
+
+
+def test_examples_past_the_context_window_are_warned_about(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """pact train says how many examples run past the model's context window (config.json)."""
+    model = copy_model(world.model_dir, tmp_path / "short-context")
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 8
+    (model / "config.json").write_text(json.dumps(config))
+    run_train(make_config(world, tmp_path / "run", model=str(model), method="sft", max_steps=1))
+    assert "examples are longer than the model's context window (8 tokens, config.json)" in capsys.readouterr().err
+    run_train(make_config(world, tmp_path / "run-plain", method="sft", max_steps=1))
+    assert "context window" not in capsys.readouterr().err

@@ -35,6 +35,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -357,7 +358,10 @@ def load_student(config: TrainConfig, device: str, load_model: LoadModel) -> Any
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, lora)
     except ValueError as exc:
         raise PactError(
             f"--lora-targets {','.join(config.lora_targets)}: {str(exc).splitlines()[0]}"
