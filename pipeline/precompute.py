@@ -15,7 +15,8 @@ batch never exist.
 
 Post-only passes are planned across example batches (`plan_post_only`): the new
 responses of up to one part are gathered and run in full length-bucketed batches,
-before the first example that uses them is handed to the writer.
+before the first example that uses them is handed to the writer. Parts end at batch
+ends (`part_starts`), so a rerun after a kill forms the same batches.
 
 Resume / staleness / repair: examples already stored with the same token hash and
 finite values are skipped; a changed token hash, or NaN/inf in an example's stored
@@ -42,7 +43,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -776,7 +777,7 @@ def run_precompute(
         safety.size,
         shard_tag=options.shard.tag,
         value_dtype=options.value_dtype,
-        examples_per_part=options.examples_per_part,
+        examples_per_part=None,  # parts end at batch ends: `_compute` flushes them
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
@@ -853,10 +854,29 @@ def _finish_ranks(store: Store, encoded: list[Encoded], summary: PrecomputeSumma
     return PrecomputeSummary.merge([part for part, _ in gathered])
 
 
+def part_starts(batches: list[list[int]], examples_per_part: int) -> list[int]:
+    """Where each part begins in the writer's order (the batches one after the other).
+
+    A part is closed at the first batch end where it holds at least `examples_per_part`
+    examples: parts hold whole batches, so a rerun after a kill (which resumes at a part
+    boundary) forms the same batches and its values equal an uninterrupted run's bit for bit.
+    """
+    if examples_per_part < 1:
+        raise PactError(f"examples_per_part must be at least 1, got {examples_per_part}")
+    starts, position, filled = [0], 0, 0
+    for batch in batches:
+        position += len(batch)
+        filled += len(batch)
+        if filled >= examples_per_part:
+            starts.append(position)
+            filled = 0
+    return starts
+
+
 def plan_post_only(
     todo: list[Encoded],
     stored: set[str],
-    examples_per_part: int,
+    starts: Collection[int],
     limit: int,
     first: Mapping[str, np.ndarray] | None = None,
 ) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -865,15 +885,16 @@ def plan_post_only(
     the order the examples reach the writer) is written, and `i == len(todo)` at the end.
 
     Every distinct response not in `stored` is planned once, in the group of the first
-    example that uses it. A group gathers the new responses of at most one part (the
-    writer writes a part every `examples_per_part` examples) and at most `limit` of them:
+    example that uses it. A group gathers the new responses of at most one part (parts
+    begin at the indices `starts`, see `part_starts`) and at most `limit` of them:
     its passes run in full length-bucketed batches across example batches, a part holds
     the post-only rows of its examples (a killed run leaves whole parts behind, and the
     rerun plans the same groups), and the work held at once stays bounded. `first`
     (responses to compute whatever the examples) open the first group.
     """
-    if examples_per_part < 1 or limit < 1:
-        raise PactError(f"examples_per_part and limit must be at least 1, got {examples_per_part} and {limit}")
+    if limit < 1:
+        raise PactError(f"limit must be at least 1, got {limit}")
+    starts = set(starts)
     groups: list[tuple[int, dict[str, np.ndarray]]] = []
     done = set(stored)
     current: dict[str, np.ndarray] | None = None
@@ -891,7 +912,7 @@ def plan_post_only(
     for response_hash, response_ids in (first or {}).items():
         add(0, response_hash, response_ids)
     for index, item in enumerate(todo):
-        if index and index % examples_per_part == 0:
+        if index and index in starts:
             current = None  # a new part: its responses form new groups
         add(index, item.response_hash, item.response_ids)
     return groups
@@ -915,8 +936,10 @@ def _compute(
     todo = work.encoded
     batches = plan_batches([len(e.input_ids) for e in todo], options.batch_size, options.max_batch_tokens)
     order = [todo[i] for batch in batches for i in batch]  # the order examples reach the writer
+    starts = part_starts(batches, options.examples_per_part)
     limit = POST_QUEUE_BATCHES * options.batch_size
-    queue = deque(plan_post_only(order, work.stored_responses, options.examples_per_part, limit, work.extra_responses))
+    queue = deque(plan_post_only(order, work.stored_responses, starts, limit, work.extra_responses))
+    part_ends = set(starts[1:])
 
     def post_only_until(index: int) -> None:
         while queue and queue[0][0] <= index:
@@ -946,6 +969,8 @@ def _compute(
                 written += 1
                 summary.computed += 1
                 summary.response_tokens += item.response_length
+            if written in part_ends:
+                writer.flush()
             bar.update(len(items))
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"{summary.response_tokens / elapsed:.0f} tokens/s", refresh=False)

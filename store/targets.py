@@ -78,7 +78,8 @@ def _fixed_list(values: np.ndarray, num_safety: int, value_dtype: str) -> pa.Fix
 
 class TargetWriter:
     """Buffers examples and writes a part (post part first, then targets part, then
-    the manifest) every `examples_per_part` examples and on `close()`.
+    the manifest) every `examples_per_part` examples (None: only when `flush()` is
+    called) and on `close()`.
 
     `shard_tag` names this writer's parts (e.g. `s0of1`); orphaned parts with the same
     tag (written but never registered by a killed run) are deleted when it opens.
@@ -91,7 +92,7 @@ class TargetWriter:
         *,
         shard_tag: str = "s0of1",
         value_dtype: str = "float32",
-        examples_per_part: int = 256,
+        examples_per_part: int | None = 256,
     ) -> None:
         if value_dtype not in VALUE_DTYPES:
             raise PactError(f"value dtype {value_dtype!r} is not one of {sorted(VALUE_DTYPES)}")
@@ -149,7 +150,7 @@ class TargetWriter:
                 full_logprobs=np.asarray(full_logprobs),
             )
         )
-        if len(self._targets) >= self.examples_per_part:
+        if self.examples_per_part is not None and len(self._targets) >= self.examples_per_part:
             self.flush()
 
     def _check_values(self, values: np.ndarray, what: str) -> None:

@@ -32,6 +32,7 @@ from pipeline.models import context_length, load_model, load_tokenizer
 from pipeline.precompute import (
     PrecomputeOptions,
     Shard,
+    part_starts,
     plan_batches,
     plan_post_only,
     reference_targets,
@@ -408,14 +409,24 @@ def test_plan_post_only_groups():
         return SimpleNamespace(response_hash=response, response_ids=np.array([ord(response)]))
 
     todo = [item(r) for r in "aabcdaefgh"]  # parts of 4: aabc | daef | gh
-    groups = plan_post_only(todo, stored={"c"}, examples_per_part=4, limit=2)
+    groups = plan_post_only(todo, stored={"c"}, starts=[0, 4, 8], limit=2)
     assert [(i, sorted(g)) for i, g in groups] == [(0, ["a", "b"]), (4, ["d", "e"]), (7, ["f"]), (8, ["g", "h"])]
     first = {"z": np.array([1]), "a": np.array([2])}
-    groups = plan_post_only(todo, stored=set(), examples_per_part=100, limit=3, first=first)
+    groups = plan_post_only(todo, stored=set(), starts=[0], limit=3, first=first)
     assert [(i, list(g)) for i, g in groups] == [(0, ["z", "a", "b"]), (3, ["c", "d", "e"]), (7, ["f", "g", "h"])]
-    assert plan_post_only([], stored=set(), examples_per_part=4, limit=2, first=first) == [(0, first)]
+    assert plan_post_only([], stored=set(), starts=[0], limit=2, first=first) == [(0, first)]
     with pytest.raises(PactError, match="at least 1"):
-        plan_post_only(todo, stored=set(), examples_per_part=0, limit=2)
+        plan_post_only(todo, stored=set(), starts=[0], limit=0)
+
+
+def test_parts_hold_whole_batches():
+    """A part closes at the first batch end with at least --part-size examples."""
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10], [11]]
+    assert part_starts(batches, 5) == [0, 6, 11]
+    assert part_starts(batches, 1) == [0, 3, 6, 8, 11, 12]
+    assert part_starts(batches, 100) == [0]
+    with pytest.raises(PactError, match="at least 1"):
+        part_starts(batches, 0)
 
 
 # ----------------------------------------------------------------------------- non-finite repair
@@ -548,13 +559,13 @@ def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
         _run(assets, data, store)
     monkeypatch.undo()
     registered = len(TargetReader(store))
-    assert registered == 6  # two parts of 3 examples
+    assert registered == 8  # two parts: --part-size 3 closes each at the end of a batch of 4
     # what a kill during a write leaves: an unregistered part of this shard and a temporary
     (store.root / "targets" / "part-s0of1-deadbeef0000.parquet").write_bytes(b"half")
     (store.root / "post" / ".tmp-part-s0of1-x.parquet.123").write_bytes(b"half")
     summary, _ = _run(assets, data, store)
     assert (summary.computed, summary.skipped) == (len(ROWS) - registered, registered)
-    _assert_same(read_all_targets(store), read_all_targets(reference))
+    _assert_same(read_all_targets(store), read_all_targets(reference), atol=0)  # bit for bit: same batches
     assert _target_rows(store) == _target_rows(reference)  # every example exactly once
     assert not list(store.root.rglob(".tmp-*"))
     on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}

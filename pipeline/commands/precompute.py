@@ -26,7 +26,7 @@ from trainer import distributed
 @click.option("--chunk-positions", default=256, show_default=True, type=int, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory).")
 @click.option("--shard", "shard", default=None, help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i, for machines started without torchrun. Default 0/1; under torchrun each rank computes RANK/WORLD_SIZE.")
 @click.option("--value-dtype", default="float32", show_default=True, type=click.Choice(list(VALUE_DTYPES)), help="Stored dtype of the safety-token log-probs.")
-@click.option("--part-size", "part_size", default=256, show_default=True, type=int, help="Examples per Parquet part (a killed run loses at most one part of work).")
+@click.option("--part-size", "part_size", default=256, show_default=True, type=int, help="Examples per Parquet part, rounded up to whole batches (a killed run loses at most one part of work).")
 @click.option("--format", "data_format", default=None, type=click.Choice(FORMATS), help="Row shape of --data; detected when omitted.")
 @click.option("--skip-invalid", is_flag=True, help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the reference directory.")
