@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,20 @@ def torchrun(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     launch_dir = tmp / "launch"
     launch_dir.mkdir(exist_ok=True)
     return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=launch_dir)
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def assert_precompute_finished(launch: subprocess.CompletedProcess) -> None:
+    """The 2-rank precompute succeeded; or rank 0 hit the known, rare gloo teardown abort
+    (docs/distributed.md, "Known issue") after printing the merged summary, i.e. after every
+    rank's examples were checked in the store: the checks that follow still decide."""
+    if launch.returncode == 0:
+        return
+    finished = "precompute (2 ranks" in launch.stdout
+    assert finished and TEARDOWN_ABORT in launch.stderr, launch.stdout[-2000:] + launch.stderr[-4000:]
+    warnings.warn(f"torchrun exited {launch.returncode} after the summary: {TEARDOWN_ABORT} (known issue)", stacklevel=2)
 
 
 def store_contents(store_dir: Path) -> dict[str, tuple]:
@@ -491,7 +506,7 @@ def test_precompute_on_two_ranks_equals_one_rank(world: World, tmp_path: Path) -
     single = one_rank_store(world, tmp_path / "single")
     sharded = fresh_store(world, tmp_path / "sharded")
     launch = torchrun(tmp_path, "-m", "pipeline", "precompute", *precompute_args(world, sharded))
-    assert launch.returncode == 0, launch.stderr[-4000:]
+    assert_precompute_finished(launch)
     owned = [sum(shard_of(r["id"], 2) == k for r in data_rows()) for k in (0, 1)]
     assert launch.stdout.count("precompute (2 ranks") == 1  # rank 0 prints the merged summary
     assert f"computed per rank: {owned[0]} + {owned[1]}): 10 examples computed, 0 skipped" in launch.stdout
@@ -531,7 +546,7 @@ def test_precompute_rerun_after_a_rank_died_computes_only_its_missing_slice(
     assert 0 < done <= 3 and done < owned[1]
 
     launch = torchrun(tmp_path, "-m", "pipeline", "precompute", *precompute_args(world, store))
-    assert launch.returncode == 0, launch.stderr[-4000:]
+    assert_precompute_finished(launch)
     left = owned[1] - done
     assert f"computed per rank: 0 + {left}): {left} examples computed, {owned[0] + done} skipped" in launch.stdout
     assert_same_contents(store_contents(store), store_contents(single))
@@ -565,3 +580,16 @@ def test_missing_examples_and_merged_summary(world: World) -> None:
         "precompute (2 ranks, computed per rank: 4 + 5): 9 examples computed, 1 skipped (up to date), 1 invalid dropped;"
     )
     assert PrecomputeSummary(computed=3).line().startswith("precompute: 3 examples computed")
+
+
+def test_only_the_known_teardown_abort_after_the_summary_is_accepted() -> None:
+    def launch(code: int, out: str, err: str) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], code, out, err)
+
+    summary = "precompute (2 ranks, computed per rank: 5 + 5): 10 examples computed, 0 skipped\n"
+    assert_precompute_finished(launch(0, summary, ""))
+    with pytest.warns(UserWarning, match="known issue"):
+        assert_precompute_finished(launch(1, summary, f"...\n{TEARDOWN_ABORT}\n..."))
+    for code, out, err in [(1, "", TEARDOWN_ABORT), (1, summary, "error: something else"), (2, "", "")]:
+        with pytest.raises(AssertionError):
+            assert_precompute_finished(launch(code, out, err))
