@@ -129,6 +129,12 @@ def _run(assets, data, store, model="ref", **kwargs):
     return summary, notes
 
 
+def _assert_parts_match_manifest(store: Store) -> None:
+    """Every part file on disk is registered in the manifest, and every registered one exists."""
+    on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
+    assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
+
+
 def _assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
@@ -509,8 +515,7 @@ def test_rerun_repairs_non_finite_stored_values(column, value_dtype, assets, tmp
     assert _target_rows(store) == sum(len(v[1]) for v in clean.values())  # each example once
     distinct = {v[1].tobytes(): len(v[1]) for v in clean.values()}  # response ids -> steps
     assert sum(p["rows"] for p in store.parts("post")) == sum(distinct.values())  # each response once
-    on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
-    assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
+    _assert_parts_match_manifest(store)
     again, _ = _run(assets, data, store, value_dtype=value_dtype)
     assert (again.computed, again.non_finite, again.responses_repaired, again.parts_written) == (0, 0, 0, 0)
 
@@ -568,8 +573,7 @@ def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
     _assert_same(read_all_targets(store), read_all_targets(reference), atol=0)  # bit for bit: same batches
     assert _target_rows(store) == _target_rows(reference)  # every example exactly once
     assert not list(store.root.rglob(".tmp-*"))
-    on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
-    assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
+    _assert_parts_match_manifest(store)
 
 
 def test_incremental_computes_only_new_rows(assets, tmp_path):
@@ -612,8 +616,7 @@ def test_stale_examples_are_recomputed_when_max_length_changes(assets, tmp_path)
     _run(assets, data, fresh, max_length=64)
     _assert_same(read_all_targets(store), read_all_targets(fresh))
     assert not list(store.root.rglob(".tmp-*"))
-    on_disk = {f"{p.parent.name}/{p.name}" for p in store.root.glob("*/part-*.parquet")}
-    assert on_disk == {p["path"] for p in store.read_manifest()["parts"]}
+    _assert_parts_match_manifest(store)
 
 
 def test_new_reference_model_recomputes_everything(assets, tmp_path):

@@ -39,9 +39,9 @@ from trainer.batches import (
     epoch_batches,
     gather_steps,
     response_token_logprobs,
-    student_subset,
+    step_positions,
 )
-from trainer.loss import PactConfig, constrained_sft_betas, token_logprobs
+from trainer.loss import PactConfig, constrained_sft_betas, cross_entropy_and_subset, token_logprobs
 from trainer.reference import OnlineReference
 from trainer.train import TrainConfig, TrainResult, batch_loss, load_student
 
@@ -152,14 +152,15 @@ def test_collate_refuses_targets_of_another_length(world: World) -> None:
         collate([encoded[0]], tokenizer.pad_token_id, [target])
 
 
-def test_student_subset_and_token_logprobs_follow_the_position_convention(world: World) -> None:
+def test_safety_subset_and_token_logprobs_follow_the_position_convention(world: World) -> None:
     tokenizer, encoded = encoded_examples(world)
     batch = collate(encoded[:4], tokenizer.pad_token_id)
     logits = torch.randn(
         *batch.input_ids.shape, len(tokenizer), generator=torch.Generator().manual_seed(0)
     )
     ids = torch.as_tensor(world.safety.token_ids)
-    subset = student_subset(logits, batch.response_start, batch.num_steps, ids)
+    positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
+    _, subset = cross_entropy_and_subset(logits, batch.labels, positions, ids)  # as batch_loss takes it
     per_token = response_token_logprobs(
         logits, batch.input_ids, batch.response_start, batch.step_mask
     )

@@ -178,13 +178,6 @@ def step_positions(response_start: Tensor, steps: int, length: int, offset: int 
     return (response_start[:, None] + offset + t[None, :]).clamp(0, length - 1)
 
 
-def student_subset(
-    logits: Tensor, response_start: Tensor, steps: int, safety_ids: Tensor
-) -> Tensor:
-    """Student logits [B, L, V] at the response steps, restricted to the safety ids -> [B, T, S]."""
-    return gather_steps(logits[..., safety_ids], response_start, steps)
-
-
 def response_token_logprobs(
     logits: Tensor, input_ids: Tensor, response_start: Tensor, step_mask: Tensor
 ) -> Tensor:

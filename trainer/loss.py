@@ -197,17 +197,6 @@ def pact_target(
     ``softmax(m / T + log w)`` (the same distribution; exact also when the weighted
     mass ``sum(softmax(m / T) * w)`` is too small for float32).
     """
-    return _pact_log_target(reference_full, reference_post, gate, weights, config).exp()
-
-
-def _pact_log_target(
-    reference_full: Tensor,
-    reference_post: Tensor,
-    gate: Tensor,
-    weights: Tensor,
-    config: PactConfig,
-) -> Tensor:
-    """``log q`` [B, T, S] of `pact_target` (-inf where the weight is 0), detached."""
     _check_subset(reference_full=reference_full, reference_post=reference_post)
     if gate.shape != reference_full.shape[:2]:
         raise ValueError(
@@ -218,7 +207,7 @@ def _pact_log_target(
     with torch.no_grad():
         c = gate.detach().float()[..., None]
         m = (1.0 - c) * reference_full.detach().float() + c * reference_post.detach().float()
-        return torch.log_softmax(m / config.temperature + w.float().log().view(1, 1, -1), dim=-1)
+        return torch.softmax(m / config.temperature + w.float().log().view(1, 1, -1), dim=-1)
 
 
 def pact_kl_terms(
@@ -244,11 +233,11 @@ def pact_kl_terms(
     if not bool(n_valid > 0):
         raise ValueError("mask has no valid step: the batch has no response tokens")
     gate = pact_gate(student_logits, reference_post, m, config)
-    log_q = _pact_log_target(reference_full, reference_post, gate, weights, config)
-    q = log_q.exp()
+    q = pact_target(reference_full, reference_post, gate, weights, config)
+    log_q = q.log()
     temp = config.temperature
     log_p = F.log_softmax(student_logits.float() / temp, dim=-1)
-    # 0 * log 0 = 0: tokens of weight 0 (log q = -inf) add nothing
+    # 0 * log 0 = 0: tokens of weight 0 (q = 0, log q = -inf) add nothing
     kl_t = temp**2 * torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
     # where() rather than a product, so garbage on padded steps cannot leak in as nan.
     kl_per_step = torch.where(m > 0, kl_t, torch.zeros_like(kl_t))
