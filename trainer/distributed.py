@@ -21,6 +21,7 @@ identity) in a single process, so the trainer has one code path:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ from torch import Tensor
 from store.errors import PactError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# torch.distributed.nn's functions take the default group as a default argument
+# (`def broadcast(..., group=group.WORLD)`). Imported after init_process_group -- loading a
+# model with transformers and importing FSDP both import it -- it holds the group past
+# destroy_process_group, so gloo's worker threads live on into interpreter shutdown, where
+# one of them releasing a collective's tensors needs the GIL and aborts the process
+# ("terminate called without an active exception"). `process_group` imports it before
+# creating the group, so it binds None.
+GROUP_BINDING_MODULES = ("torch.distributed.nn",)
 TIMEOUT = timedelta(minutes=30)
 T = TypeVar("T")
 
@@ -113,7 +122,9 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
 
     gloo when `device` is the CPU, nccl (with the CUDA device set to LOCAL_RANK) when it
     is CUDA. A group initialised by the caller is reused and not destroyed. A single
-    process gets `Ranks()` and no group.
+    process gets `Ranks()` and no group. On exit the group is destroyed, and gloo's worker
+    threads end with it (`GROUP_BINDING_MODULES`) unless torch itself still holds the
+    group: under FSDP, DTensor's caches do (docs/distributed.md, "Known issue").
     """
     if dist.is_available() and dist.is_initialized():
         yield current_ranks()
@@ -124,6 +135,8 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
         return
     if not dist.is_available():
         raise PactError("this torch build has no torch.distributed: cannot run under torchrun")
+    for module in GROUP_BINDING_MODULES:
+        importlib.import_module(module)
     backend = backend_for(device)
     options: dict[str, Any] = {"backend": backend, "timeout": TIMEOUT}
     if backend == "nccl":
