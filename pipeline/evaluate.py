@@ -11,6 +11,7 @@ import json
 import re
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,10 @@ def load_spec_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, str(spec.adapter_dir), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(spec.adapter_dir), is_trainable=False)
     except (OSError, ValueError, KeyError) as exc:
         raise PactError(f"cannot load the adapter {spec.adapter_dir}: {str(exc).splitlines()[0]}") from None
     return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,7 @@ def make_adapter_run(env, run: Path, seed: int = 3) -> Path:
     return run
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft, in the test's own set-up
 def test_adapter_run_directory(env, store, tmp_path):
     run = make_adapter_run(env, tmp_path / "run")
     spec = resolve_model(run)
@@ -362,7 +364,9 @@ def test_adapter_run_directory(env, store, tmp_path):
     assert resolve_model(other_run).weights_dir == env["reference"]  # `pact train`'s config.json layout
 
     run_eval(EvalOptions(model=env["reference"], store=store.root, probe=env["safety"]))
-    report = run_eval(EvalOptions(model=run, store=store.root, probe=env["safety"]))
+    with warnings.catch_warnings():  # loading the adapter prints no deprecation warning of peft's
+        warnings.filterwarnings("error", message=".*is_gradient_checkpointing", category=FutureWarning)
+        report = run_eval(EvalOptions(model=run, store=store.root, probe=env["safety"]))
     assert report.model_fingerprint == spec.fingerprint and report.probe.mean_kl > 0
     rows = eval_rows(store, report.eval_id)
     assert {r["model"] for r in rows} == {"run"}
