@@ -1,10 +1,12 @@
 """Scale-out under torchrun, on CPU with gloo and 2 processes: precompute shards, DDP and
 FSDP training against a single process with the same global batch, resume across world
-sizes, and the targets memory budget.
+sizes, the targets memory budget, and docs/examples/slurm.sbatch as a 2-node job.
 
 Launches go through `python -m torch.distributed.run --standalone` (a free port) with
-OMP_NUM_THREADS=1. Training launches share one torchrun process group (a script that
-runs several trainings), so the suite pays the start-up of 2 processes three times.
+OMP_NUM_THREADS=1, except the SLURM job's two torchrun agents, which meet through the
+c10d rendezvous. Training launches share one torchrun process group (a script that
+runs several trainings), so the suite pays the start-up of 2 processes five times
+(two precompute launches, the training script, the SLURM job's two stages).
 """
 
 from __future__ import annotations
