@@ -7,6 +7,7 @@ loading torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -24,9 +25,18 @@ COMMANDS = {
     "demo": "pipeline.commands.demo:demo_command",
 }
 
+# The commands that run as several processes under torchrun (docs/distributed.md); the
+# others would run once per process, writing the same files or eval rows N times.
+DISTRIBUTED_COMMANDS = ("precompute", "train")
+ASKS_HELP = "pact.asks_help"  # ctx.meta key: the command line holds -h/--help
+
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ASKS_HELP] = any(arg in ctx.help_option_names for arg in args)
+        return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -41,7 +51,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="pact")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """pact: fine-tune aligned language models without losing their safety alignment (PACT).
 
     Stage 0 `pact tokens` finds the safety tokens, stage 1 `pact precompute` runs the
@@ -50,6 +61,13 @@ def cli() -> None:
     `pact eval` measures refusals, over-refusal, task accuracy and drift; `pact sql`
     queries the store with DuckDB; `pact demo` runs the whole story on tiny models.
     """
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    asks_help = ctx.meta.get(ASKS_HELP, False)
+    if ctx.invoked_subcommand not in (None, *DISTRIBUTED_COMMANDS) and world not in ("", "1") and not asks_help:
+        raise PactError(
+            f"pact {ctx.invoked_subcommand} runs in one process, not under torchrun (WORLD_SIZE={world}): "
+            f"only {' and '.join(f'pact {name}' for name in DISTRIBUTED_COMMANDS)} run distributed"
+        )
 
 
 def main() -> None:

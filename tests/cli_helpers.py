@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pact(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` from the repo root; returns the completed process."""
+def run_pact(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repo root (with `env` added to the environment);
+    returns the completed process."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else os.environ | env,
     )

@@ -88,3 +88,24 @@ def test_usage_errors_are_one_line_exit_2(tmp_path):
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert f"(see '{hint}')" in result.stderr
         assert "Usage:" not in result.stderr
+
+
+def test_single_process_commands_refuse_torchrun(tmp_path):
+    """Under torchrun every process would run the command: the same eval rows or files N
+    times. Only precompute and train run distributed; WORLD_SIZE=1 is one process."""
+    store = Store(tmp_path / "s")
+    make_safety(store)
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    for command, args in [
+        ("data", ["x.jsonl"]), ("tokens", []), ("eval", []), ("plot", [store.root]), ("sql", [store.root, "SELECT 1"]),
+        ("demo", []),
+    ]:  # fmt: skip
+        result = run_pact(command, *args, env=torchrun)
+        assert result.returncode == 2, command
+        assert result.stderr.strip() == (
+            f"error: pact {command} runs in one process, not under torchrun (WORLD_SIZE=2): "
+            "only pact precompute and pact train run distributed"
+        )
+    assert run_pact("sql", store.root, "SELECT 1", env={"WORLD_SIZE": "1", "RANK": "0"}).returncode == 0
+    for args in (["precompute", "--help"], ["eval", "--help"], ["--help"]):
+        assert run_pact(*args, env=torchrun).returncode == 0, args
