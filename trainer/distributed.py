@@ -124,7 +124,7 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
     is CUDA. A group initialised by the caller is reused and not destroyed. A single
     process gets `Ranks()` and no group. On exit the group is destroyed, and gloo's worker
     threads end with it (`GROUP_BINDING_MODULES`) unless torch itself still holds the
-    group: under FSDP, DTensor's caches do (docs/distributed.md, "Known issue").
+    group, as it does after FSDP (docs/distributed.md, "Known issue").
     """
     if dist.is_available() and dist.is_initialized():
         yield current_ranks()
