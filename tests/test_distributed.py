@@ -456,6 +456,33 @@ def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torchrun_defaults(None, "cuda", env)[1] == ("cuda:1" if torch.cuda.is_available() else "cuda")
 
 
+def test_a_device_that_cannot_serve_the_rank_is_refused_before_any_group() -> None:
+    problem = distributed.rank_device_problem
+    assert problem("cuda:3", Ranks(0, 1, 0), cuda_devices=0) is None  # one process: not this check's business
+    for device in ("cpu", "auto"):
+        assert problem(device, Ranks(1, 2, 1), cuda_devices=0) is None  # gloo
+    assert problem("auto", Ranks(1, 2, 1), cuda_devices=2) is None
+    assert problem("cuda:1", Ranks(3, 4, 1), cuda_devices=2) is None  # what precompute maps cuda to
+    assert problem("cuda:0", Ranks(1, 2, 1), cuda_devices=2) == (
+        "--device cuda:0 under torchrun (rank 1 of 2, LOCAL_RANK=1): the ranks would share that one GPU; "
+        "pass --device cuda (each rank takes cuda:LOCAL_RANK)"
+    )
+    assert problem("cuda", Ranks(1, 2, 1), cuda_devices=0) == (
+        "--device cuda under torchrun (rank 1 of 2), but this node has no CUDA device: use --device cpu (gloo)"
+    )
+    for device in ("cuda", "auto", "cuda:2"):
+        assert problem(device, Ranks(2, 4, 2), cuda_devices=2) == (
+            "rank 2 of 4 has LOCAL_RANK=2, but this node has 2 CUDA device(s): "
+            "start at most 2 processes per node (--nproc_per_node 2)"
+        ), device
+    if not torch.cuda.is_available():  # this machine: the check runs before any process group exists
+        environ = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+        with pytest.raises(PactError, match=r"^--device cuda under torchrun \(rank 1 of 2\), but this node has no CUDA"):
+            with distributed.process_group("cuda", environ):
+                pass
+        assert not torch.distributed.is_initialized()
+
+
 def test_single_process_helpers_are_the_identity() -> None:
     with distributed.process_group("cpu", {}) as ranks:
         assert ranks == Ranks()

@@ -116,12 +116,37 @@ def rank_device(device: str, ranks: Ranks) -> str:
     return device
 
 
+def rank_device_problem(device: str, ranks: Ranks, cuda_devices: int) -> str | None:
+    """Why `device` cannot serve this rank of a multi-process launch on a node with
+    `cuda_devices` GPUs (each rank takes cuda:LOCAL_RANK, the only index accepted), or
+    None when it can."""
+    if not ranks.enabled:
+        return None
+    where = f"rank {ranks.rank} of {ranks.world_size}"
+    if device.startswith("cuda:") and device != f"cuda:{ranks.local_rank}":
+        return (
+            f"--device {device} under torchrun ({where}, LOCAL_RANK={ranks.local_rank}): the ranks "
+            "would share that one GPU; pass --device cuda (each rank takes cuda:LOCAL_RANK)"
+        )
+    if device.startswith("cuda:"):
+        device = "cuda"
+    if device == "cuda" and cuda_devices == 0:
+        return f"--device cuda under torchrun ({where}), but this node has no CUDA device: use --device cpu (gloo)"
+    if device in ("cuda", "auto") and 0 < cuda_devices <= ranks.local_rank:
+        return (
+            f"{where} has LOCAL_RANK={ranks.local_rank}, but this node has {cuda_devices} CUDA device(s): "
+            f"start at most {cuda_devices} processes per node (--nproc_per_node {cuda_devices})"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iterator[Ranks]:
     """The default process group for a torchrun launch (WORLD_SIZE > 1), destroyed on exit.
 
     gloo when `device` is the CPU, nccl (with the CUDA device set to LOCAL_RANK) when it
-    is CUDA. A group initialised by the caller is reused and not destroyed. A single
+    is CUDA; PactError when the device cannot serve this rank (`rank_device_problem`),
+    before any group exists. A group initialised by the caller is reused and not destroyed. A single
     process gets `Ranks()` and no group. On exit the group is destroyed, and gloo's worker
     threads end with it (`GROUP_BINDING_MODULES`) unless torch itself still holds the
     group, as it does after FSDP (docs/distributed.md, "Known issue").
@@ -135,6 +160,9 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
         return
     if not dist.is_available():
         raise PactError("this torch build has no torch.distributed: cannot run under torchrun")
+    problem = rank_device_problem(device, ranks, torch.cuda.device_count())
+    if problem is not None:
+        raise PactError(problem)
     for module in GROUP_BINDING_MODULES:
         importlib.import_module(module)
     backend = backend_for(device)
