@@ -22,7 +22,7 @@ from trainer import distributed
 @click.option("--max-batch-tokens", default=None, type=int, help="Cap on rows x padded length per batch.")
 @click.option("--max-length", default=1024, show_default=True, type=int, help="Max prompt + response tokens (the response tail is cut); must match training.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (auto or cuda under torchrun: cuda:LOCAL_RANK).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (under torchrun auto or cuda: cuda:LOCAL_RANK; another index is refused).")
 @click.option("--chunk-positions", default=256, show_default=True, type=int, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory).")
 @click.option("--shard", "shard", default=None, help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i, for machines started without torchrun. Default 0/1; under torchrun each rank computes RANK/WORLD_SIZE.")
 @click.option("--value-dtype", default="float32", show_default=True, type=click.Choice(list(VALUE_DTYPES)), help="Stored dtype of the safety-token log-probs.")

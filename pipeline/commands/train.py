@@ -125,7 +125,7 @@ _PACT = PactConfig()
     "--device",
     default="auto",
     show_default=True,
-    help="auto, cpu, cuda or cuda:N (auto or cuda under torchrun: cuda:LOCAL_RANK).",
+    help="auto, cpu, cuda or cuda:N (under torchrun auto or cuda: cuda:LOCAL_RANK; another index is refused).",
 )
 @click.option(
     "--targets-memory-mb",
