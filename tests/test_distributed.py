@@ -56,16 +56,21 @@ FP_TOLERANCE = 1e-5
 # ----------------------------------------------------------------------------- helpers
 
 
+def launch_env(tmp: Path) -> dict[str, str]:
+    """This environment without a torchrun launch's variables, one thread per process and
+    a hash cache under `tmp`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return env | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PACT_CACHE_DIR": str(tmp / "hash-cache")}
+
+
 def torchrun(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     """2 processes on this machine, gloo (CPU), a free port; the launch's output. The
     processes start in the empty folder `tmp/launch` (with `-m`, the working directory
     is on sys.path: a folder named `store` there would shadow the package)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PACT_CACHE_DIR": str(tmp / "hash-cache")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     launch_dir = tmp / "launch"
     launch_dir.mkdir(exist_ok=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=launch_dir)
+    return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=launch_env(tmp), cwd=launch_dir)
 
 
 def store_contents(store_dir: Path) -> dict[str, tuple]:
@@ -462,7 +467,7 @@ def test_a_device_that_cannot_serve_the_rank_is_refused_before_any_group() -> No
     for device in ("cpu", "auto"):
         assert problem(device, Ranks(1, 2, 1), cuda_devices=0) is None  # gloo
     assert problem("auto", Ranks(1, 2, 1), cuda_devices=2) is None
-    assert problem("cuda:1", Ranks(3, 4, 1), cuda_devices=2) is None  # what precompute maps cuda to
+    assert problem("cuda:1", Ranks(3, 4, 1), cuda_devices=2) is None  # the rank's own GPU, named
     assert problem("cuda:0", Ranks(1, 2, 1), cuda_devices=2) == (
         "--device cuda:0 under torchrun (rank 1 of 2, LOCAL_RANK=1): the ranks would share that one GPU; "
         "pass --device cuda (each rank takes cuda:LOCAL_RANK)"
@@ -510,9 +515,10 @@ def fresh_store(world: World, path: Path) -> Path:
     return path
 
 
-def one_rank_store(world: World, path: Path) -> Path:
+def one_rank_store(world: World, path: Path, options: PrecomputeOptions | None = None) -> Path:
+    """A one-process precompute of the world's data; by default with `precompute_args`'s options."""
     store = fresh_store(world, path)
-    options = PrecomputeOptions(max_length=64, batch_size=3, examples_per_part=2, device="cpu", progress=False)
+    options = options or PrecomputeOptions(max_length=64, batch_size=3, examples_per_part=2, device="cpu", progress=False)
     run_precompute(world.model_dir, world.data, store, options, echo=lambda _: None)
     return store
 
@@ -663,14 +669,12 @@ def test_slurm_example_precomputes_and_trains_on_two_nodes(world: World, tmp_pat
     rendezvous on 127.0.0.1): the store equals a one-process precompute, the DDP training
     equals one process with the same global batch (2 x 4 examples), and no command leaves
     gloo's worker threads running into interpreter shutdown (where they could abort it)."""
-    single = fresh_store(world, tmp_path / "single")
-    run_precompute(world.model_dir, world.data, single, PrecomputeOptions(device="cpu", progress=False), echo=lambda _: None)
+    single = one_rank_store(world, tmp_path / "single", PrecomputeOptions(device="cpu", progress=False))  # CLI defaults
     store = fresh_store(world, tmp_path / "store")
     bin_dir = slurm_on_this_machine(tmp_path / "bin")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = launch_env(tmp_path)
     env |= {
-        "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-        "PACT_CACHE_DIR": str(tmp_path / "hash-cache"), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+        "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
         "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "1", "RDZV_PORT": str(free_port()),
         "MODEL": str(world.model_dir), "DATA": str(world.data), "STORE": str(store), "OUT": str(tmp_path / "run"),
         "GLOO_THREADS_REPORT": str(tmp_path / "gloo-threads.txt"),

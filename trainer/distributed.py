@@ -35,14 +35,6 @@ from torch import Tensor
 from store.errors import PactError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# torch.distributed.nn's functions take the default group as a default argument
-# (`def broadcast(..., group=group.WORLD)`). Imported after init_process_group -- loading a
-# model with transformers and importing FSDP both import it -- it holds the group past
-# destroy_process_group, so gloo's worker threads live on into interpreter shutdown, where
-# one of them releasing a collective's tensors needs the GIL and aborts the process
-# ("terminate called without an active exception"). `process_group` imports it before
-# creating the group, so it binds None.
-GROUP_BINDING_MODULES = ("torch.distributed.nn",)
 TIMEOUT = timedelta(minutes=30)
 T = TypeVar("T")
 
@@ -146,10 +138,11 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
 
     gloo when `device` is the CPU, nccl (with the CUDA device set to LOCAL_RANK) when it
     is CUDA; PactError when the device cannot serve this rank (`rank_device_problem`),
-    before any group exists. A group initialised by the caller is reused and not destroyed. A single
-    process gets `Ranks()` and no group. On exit the group is destroyed, and gloo's worker
-    threads end with it (`GROUP_BINDING_MODULES`) unless torch itself still holds the
-    group, as it does after FSDP (docs/distributed.md, "Known issue").
+    before any group exists. A group initialised by the caller is reused and not
+    destroyed. A single process gets `Ranks()` and no group. On exit the group is
+    destroyed, and gloo's worker threads end with it (see the import of
+    torch.distributed.nn below) unless torch itself still holds the group, as it does
+    after FSDP (docs/distributed.md, "Known issue").
     """
     if dist.is_available() and dist.is_initialized():
         yield current_ranks()
@@ -163,8 +156,14 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
     problem = rank_device_problem(device, ranks, torch.cuda.device_count())
     if problem is not None:
         raise PactError(problem)
-    for module in GROUP_BINDING_MODULES:
-        importlib.import_module(module)
+    # torch.distributed.nn's functions take the default group as a default argument
+    # (`def broadcast(..., group=group.WORLD)`). Imported after init_process_group --
+    # loading a model with transformers and importing FSDP both import it -- it would hold
+    # the group past destroy_process_group, so gloo's worker threads would live on into
+    # interpreter shutdown, where one releasing a collective's tensors needs the GIL and
+    # aborts the process ("terminate called without an active exception"). Imported
+    # first, it binds None.
+    importlib.import_module("torch.distributed.nn")
     backend = backend_for(device)
     options: dict[str, Any] = {"backend": backend, "timeout": TIMEOUT}
     if backend == "nccl":

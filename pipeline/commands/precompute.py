@@ -63,14 +63,14 @@ def precompute_command(
             f"--shard {shard} under torchrun (WORLD_SIZE={ranks.world_size}): each rank already "
             "computes shard RANK/WORLD_SIZE; drop --shard, or run without torchrun"
         )
-    shard_of_run, device = torchrun_defaults(shard, device, os.environ)
+    shard_of_run, rank_device = torchrun_defaults(shard, device, os.environ)
     with distributed.process_group(device) as ranks:
         options = PrecomputeOptions(
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
             max_length=max_length,
             dtype=dtype,
-            device=device,
+            device=rank_device,
             chunk_positions=chunk_positions,
             shard=shard_of_run,
             value_dtype=value_dtype,
