@@ -1,7 +1,7 @@
 """Precompute benchmark: what `pact precompute` costs over the bare forward passes it has to
 run, what post-only deduplication saves, and its peak memory as the vocabulary grows.
 
-1. Overhead: `pipeline.precompute.run_precompute` (a fresh store and weight-hash cache each
+1. Overhead: `pact.pipeline.precompute.run_precompute` (a fresh store and weight-hash cache each
    round: the whole first-run cost) alternated with the bare forward passes over the same
    batches (`model(input_ids, attention_mask)` over the full-context batches and the
    post-only batches of the distinct responses, the model already in memory).
@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def new_store(root: Path, num_safety: int, vocab_size: int, seed: int) -> Path:
     """An empty store with a random safety set of `num_safety` ids in `vocab_size`."""
-    from store.manifest import Store
+    from pact.store.manifest import Store
 
     write_safety_tokens(Store(root), num_safety, seed, vocab_size=vocab_size)
     return root
@@ -134,9 +134,9 @@ def wrapped(module: Any, name: str, wrapper: Callable[[Callable[..., Any]], Call
 
 def encoded_examples(model_dir: Path, data: Path, max_length: int) -> tuple[Any, list[Any], list[int]]:
     """Tokenizer, the examples encoded as precompute encodes them, and the assistant header ids."""
-    from pipeline.data import load_examples
-    from pipeline.encoding import EncodingOptions, assistant_header_ids, encode_example
-    from pipeline.models import load_tokenizer
+    from pact.core.data import load_examples
+    from pact.core.encoding import EncodingOptions, assistant_header_ids, encode_example
+    from pact.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     options = EncodingOptions(max_length=max_length)
@@ -147,9 +147,9 @@ def encoded_examples(model_dir: Path, data: Path, max_length: int) -> tuple[Any,
 def forward_batches(encoded: list[Any], header: list[int], batch_size: int, pad_id: int, device: str) -> dict[str, list[tuple[Any, Any]]]:
     """The padded (ids, mask) batches precompute runs: full context of every example, and
     post-only context (header + response[:-1]) of every distinct response, as
-    `pipeline.precompute.plan_batches` groups them."""
-    from pipeline.encoding import post_only_ids
-    from pipeline.precompute import _pad, plan_batches
+    `pact.pipeline.precompute.plan_batches` groups them."""
+    from pact.core.encoding import post_only_ids
+    from pact.pipeline.precompute import _pad, plan_batches
 
     full = [e.input_ids for e in encoded]
     responses = {e.response_hash: e.response_ids for e in encoded}
@@ -167,8 +167,8 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """run_precompute (end to end, fresh store and hash cache) vs the bare forward passes."""
     import torch
 
-    import pipeline.precompute as precompute
-    from pipeline.models import load_model
+    import pact.pipeline.precompute as precompute
+    from pact.core.models import load_model
 
     model_dir = workdir / "overhead-model"
     info = save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
@@ -242,7 +242,7 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def _write_rows(model_dir: Path, path: Path, count: int, prompt_tokens: int, seq_len: int, seed: int) -> Path:
     """Prompt/completion rows that encode to exactly `seq_len` tokens (the response tail is cut)."""
-    from pipeline.models import load_tokenizer
+    from pact.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     return write_jsonl(path, synthetic_rows(tokenizer, count, prompt_tokens, seq_len - prompt_tokens, seed))
@@ -258,10 +258,10 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     import torch
 
-    import pipeline.precompute as precompute
-    from pipeline.models import load_model
-    from store.manifest import Store
-    from store.safety import load_safety_set
+    import pact.pipeline.precompute as precompute
+    from pact.core.models import load_model
+    from pact.store.manifest import Store
+    from pact.store.safety import load_safety_set
 
     if not args.dedup_data.is_file():
         return {"skipped": f"{args.dedup_data} not found: the dedup measure needs the shared sst2 set"}
@@ -398,9 +398,9 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    import pipeline.precompute as precompute
-    from pipeline.encoding import post_only_ids
-    from pipeline.models import load_model
+    import pact.pipeline.precompute as precompute
+    from pact.core.encoding import post_only_ids
+    from pact.core.models import load_model
 
     transformers_logging.disable_progress_bar()
     if spec["pin_mmap_threshold"]:

@@ -46,8 +46,8 @@ from bench.common import (
     summarize,
     synthetic_store,
 )
-from store.manifest import Store
-from store.sql import connect_readonly
+from pact.store.manifest import Store
+from pact.store.sql import connect_readonly
 
 GOAL_S = 2.0
 RUN_B_SCHEMA = "run_b"

@@ -10,7 +10,7 @@ response lengths uniform in 1..64, random log-probs):
 3. `TargetReader` on that cache: index build time, `get` in random order (a fresh
    reader each round, so every part is decoded on first touch), and the peak RSS of a
    process doing the same.
-4. The trainer's join (`trainer.batches.cached_batch`: `TargetReader.get` + padding
+4. The trainer's join (`pact.trainer.batches.cached_batch`: `TargetReader.get` + padding
    into [B, T, S] tensors) alternated with a training step (forward + backward of a
    ~25M-parameter Llama, batch 8, 128 tokens): join rate / consumption rate, goal >= 50.
 
@@ -161,8 +161,8 @@ def build_cache(args: argparse.Namespace, workdir: Path, dtypes: dict[str, Any])
 
 def measure_reads(args: argparse.Namespace, cache: Path) -> tuple[dict[str, Any], Any]:
     """Index build and random-order gets, a fresh (cold) reader per round; returns the last reader."""
-    from store.manifest import Store
-    from store.targets import TargetReader
+    from pact.store.manifest import Store
+    from pact.store.targets import TargetReader
 
     index_s, get_s = [], []
     reader = None
@@ -217,8 +217,8 @@ def measure_join(args: argparse.Namespace, reader: Any, lengths: dict[str, int])
     """Alternate one training step (forward + backward) with `join_batches` joined batches."""
     import torch
 
-    from pipeline.encoding import IGNORE_INDEX, Encoded
-    from trainer.batches import cached_batch
+    from pact.core.encoding import IGNORE_INDEX, Encoded
+    from pact.trainer.batches import cached_batch
 
     model = build_model(args)
     model.train()
@@ -290,7 +290,7 @@ def table(result: dict[str, Any]) -> str:
         ["get, random order, cold reader", f"{fmt(r['get_examples_per_s'])} ex/s", f"{r['examples_per_round']:,} gets per round"],
         ["peak RSS reading", f"{m['reader_mb']:,.0f} MiB", f"{m['reader_minus_baseline_mb']:,.0f} MiB over imports; cache {m['cache_mb_on_disk']:,.0f} MiB on disk"],
         ["training consumption", f"{fmt(j['consumption_examples_per_s'])} ex/s", f"{j['model_parameters'] / 1e6:.1f}M params, batch {j['batch_size']}x{j['seq_len']}, fwd+bwd {fmt(j['train_step']['median_s'])} s"],
-        ["trainer join (warm reader)", f"{fmt(j['join_examples_per_s'])} ex/s", "trainer.batches.cached_batch"],
+        ["trainer join (warm reader)", f"{fmt(j['join_examples_per_s'])} ex/s", "pact.trainer.batches.cached_batch"],
         ["join / consumption", f"{fmt(j['join_over_consumption'])}x", f"goal >= {JOIN_GOAL:g}x: {'met' if j['meets_goal'] else 'MISSED'}"],
     ]
     return markdown_table(["measure", "value", "note"], rows)

@@ -3,10 +3,10 @@ computed online, for full fine-tuning and for LoRA: peak memory and median step 
 
 One model (a Llama config from `LlamaConfig`: ~45M parameters with a 32k vocabulary on CPU,
 ~1B on a GPU), the same data, the same batches for every variant. The store's targets are
-real: `pact precompute` (`pipeline.precompute.run_precompute`) runs the same model over the
-data first. Every measure drives the trainer's own pieces (`pipeline.training.prepare_inputs`,
-`load_student`, `batch_loss`, `trainer.batches.cached_batch`,
-`trainer.reference.OnlineReference`) through whole optimizer steps.
+real: `pact precompute` (`pact.pipeline.precompute.run_precompute`) runs the same model over the
+data first. Every measure drives the trainer's own pieces (`pact.pipeline.training.prepare_inputs`,
+`load_student`, `batch_loss`, `pact.trainer.batches.cached_batch`,
+`pact.trainer.reference.OnlineReference`) through whole optimizer steps.
 
 - Peak memory: each variant alone in a fresh process (`bench.common.ForkedRunner`), set-up
   plus two optimizer steps, the variants alternated round by round (A..F, F..A, ...); median
@@ -115,9 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_world(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Model + tokenizer, data, and a store with the safety set and real targets (pact precompute)."""
-    from pipeline.models import load_tokenizer
-    from pipeline.precompute import PrecomputeOptions, run_precompute
-    from store.manifest import Store
+    from pact.core.models import load_tokenizer
+    from pact.pipeline.precompute import PrecomputeOptions, run_precompute
+    from pact.store.manifest import Store
 
     model_dir = workdir / "model"
     info = save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
@@ -158,18 +158,18 @@ class TrainerSteps:
     `method`/`reference` decide what `prepare_inputs` loads (the store's reader for cached
     targets, the safety set for pact); `online` also builds the online reference (a frozen
     copy for full fine-tuning, the adapters disabled for LoRA). Construct it inside
-    `trainer.train._deterministic`, as `pact train` does.
+    `pact.trainer.train._deterministic`, as `pact train` does.
     """
 
     def __init__(self, spec: dict[str, Any], method: str, reference: str, *, online: bool) -> None:
         import torch
         from transformers.utils import logging as transformers_logging
 
-        from pipeline import models
-        from pipeline.encoding import assistant_header_ids
-        from pipeline.training import prepare_inputs
-        from trainer.reference import OnlineReference
-        from trainer.train import (
+        from pact.core import models
+        from pact.core.encoding import assistant_header_ids
+        from pact.pipeline.training import prepare_inputs
+        from pact.trainer.reference import OnlineReference
+        from pact.trainer.train import (
             TrainConfig,
             _autocast_factory,
             _compute_dtype,
@@ -210,7 +210,7 @@ class TrainerSteps:
     def batch(self, variant: str, examples: list[Any]) -> Any:
         """The batch `pact train` builds for `variant`: joined with the store's targets
         (pact-cached), with targets computed online (pact-online), or plain (sft)."""
-        from trainer.batches import cached_batch, collate
+        from pact.trainer.batches import cached_batch, collate
 
         pad_id = self.inputs.tokenizer.pad_token_id
         if variant == "pact-cached":
@@ -224,7 +224,7 @@ class TrainerSteps:
         """One optimizer step of `variant` on `examples`; returns (seconds, loss)."""
         import torch
 
-        from trainer.train import batch_loss
+        from pact.trainer.train import batch_loss
 
         started = time.perf_counter()
         batch = self.batch(variant, examples)
@@ -252,7 +252,7 @@ class TrainerSteps:
 
 
 def _epoch_order(count: int, batch_size: int, seed: int) -> list[list[int]]:
-    from trainer.batches import epoch_batches
+    from pact.trainer.batches import epoch_batches
 
     return epoch_batches(count, batch_size, seed, 0)
 
@@ -263,7 +263,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     Returns memory (MiB: CUDA max allocated, or this process's RSS) and the losses."""
     import torch
 
-    from trainer.train import _deterministic
+    from pact.trainer.train import _deterministic
 
     method, reference = VARIANTS[spec["variant"]]
     if spec["pin_mmap_threshold"]:
@@ -290,7 +290,7 @@ def timing_child(spec: dict[str, Any]) -> dict[str, Any]:
     (`OnlineReference.targets`) and one no-grad forward of the full-context batch."""
     import torch
 
-    from trainer.train import _deterministic
+    from pact.trainer.train import _deterministic
 
     names = list(VARIANTS)
     with _deterministic(spec["seed"], spec["device"]):

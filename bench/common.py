@@ -3,7 +3,7 @@
 - `alternate`: time several candidates in alternated rounds (A B, B A, A B, ...) so a
   load change on the machine hits all of them alike; `summarize` gives median/max.
 - `peak_rss_mb`: peak resident memory of a snippet run in a fresh subprocess.
-- `synthetic_store`: a store written with the real writer (`store.targets.TargetWriter`),
+- `synthetic_store`: a store written with the real writer (`pact.store.targets.TargetWriter`),
   random log-probs, response lengths drawn uniformly in [1, max_steps].
 - `machine`, `markdown_table`, `write_json`, `finish`: what every script prints/writes;
   `base_parser` (a `BenchParser`) and `apply_sizes`: the options and checks the scripts
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.manifest import Store
-from store.safety import TOKENS_SCHEMA, safety_set_from_vector, save_safety_set
-from store.targets import TargetWriter
+from pact.store.manifest import Store
+from pact.store.safety import TOKENS_SCHEMA, safety_set_from_vector, save_safety_set
+from pact.store.targets import TargetWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -309,13 +309,13 @@ class BenchParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
         """Parse, then refuse a --workdir that holds files (`check_workdir`) and, where the
-        script has a --device option, resolve it with `pipeline.models.resolve_device`
+        script has a --device option, resolve it with `pact.core.models.resolve_device`
         ("auto": CUDA when available); a device it refuses is a usage error."""
         parsed = super().parse_args(args, namespace)
         check_workdir(self, parsed.workdir)
         if "device" in vars(parsed):
-            from pipeline.models import resolve_device
-            from store.errors import PactError
+            from pact.core.errors import PactError
+            from pact.core.models import resolve_device
 
             try:
                 parsed.device = resolve_device(parsed.device)
@@ -479,7 +479,7 @@ warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import
 
 # What the forkserver imports once; every ForkedRunner of a process shares one server.
 TORCH_PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft",
-                 "pipeline.precompute", "trainer.train")
+                 "pact.pipeline.precompute", "pact.trainer.train")
 
 
 class ForkedRunner:

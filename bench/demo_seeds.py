@@ -14,10 +14,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from pipeline.demo.run import DemoSettings, asset_paths
-from pipeline.evaluate import EvalOptions, run_eval
-from pipeline.training import run_train
-from trainer.train import TrainConfig
+from pact.pipeline.demo.run import DemoSettings, asset_paths
+from pact.pipeline.evaluate import EvalOptions, run_eval
+from pact.pipeline.training import run_train
+from pact.trainer.train import TrainConfig
 
 
 def main() -> None:

@@ -12,17 +12,17 @@ import sys
 
 import click
 
-from store.errors import PactError
+from pact.core.errors import PactError
 
 COMMANDS = {
-    "data": "pipeline.commands.data:data_command",
-    "tokens": "pipeline.commands.tokens:tokens_command",
-    "precompute": "pipeline.commands.precompute:precompute_command",
-    "train": "pipeline.commands.train:train_command",
-    "eval": "pipeline.commands.eval:eval_command",
-    "plot": "pipeline.commands.plot:plot_command",
-    "sql": "pipeline.commands.sql:sql_command",
-    "demo": "pipeline.commands.demo:demo_command",
+    "data": "pact.pipeline.commands.data:data_command",
+    "tokens": "pact.pipeline.commands.tokens:tokens_command",
+    "precompute": "pact.pipeline.commands.precompute:precompute_command",
+    "train": "pact.pipeline.commands.train:train_command",
+    "eval": "pact.pipeline.commands.eval:eval_command",
+    "plot": "pact.pipeline.commands.plot:plot_command",
+    "sql": "pact.pipeline.commands.sql:sql_command",
+    "demo": "pact.pipeline.commands.demo:demo_command",
 }
 
 # The commands that run as several processes under torchrun (docs/distributed.md); the

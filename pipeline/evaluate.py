@@ -19,10 +19,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.data import Example, load_examples
-from pipeline.generation import greedy_generate, prompt_ids
-from pipeline.models import DTYPES, file_sha256, load_model, load_tokenizer, model_fingerprint
-from pipeline.probe import (
+from pact.core.atomic import atomic_write_bytes
+from pact.core.data import Example, load_examples
+from pact.core.errors import PactError
+from pact.core.models import DTYPES, file_sha256, load_model, load_tokenizer, model_fingerprint
+from pact.pipeline.generation import greedy_generate, prompt_ids
+from pact.pipeline.probe import (
     ProbeResult,
     check_reference_probe,
     drift_statistics,
@@ -33,11 +35,9 @@ from pipeline.probe import (
     safety_logprobs,
     write_reference_probe,
 )
-from store.atomic import atomic_write_bytes
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import load_safety_set
-from store.tables import EVALS_SCHEMA, write_table
+from pact.store.manifest import Store
+from pact.store.safety import load_safety_set
+from pact.store.tables import EVALS_SCHEMA, write_table
 
 # A generation counts as a refusal when one of these phrases occurs, as a whole
 # phrase (not inside a longer word), within its first REFUSAL_WINDOW characters,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.encoding import render, tokenize
-from store.errors import PactError
+from pact.core.encoding import render, tokenize
+from pact.core.errors import PactError
 
 TURN_PROBE = "pact-turn-probe"
 

@@ -15,11 +15,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.probe import reference_fingerprint
-from store.atomic import atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
-from store.sql import query
+from pact.core.atomic import atomic_write_with
+from pact.core.errors import PactError
+from pact.pipeline.probe import reference_fingerprint
+from pact.store.manifest import Store
+from pact.store.sql import query
 
 BAR_METRICS = ("refusal_rate", "over_refusal_rate", "task_accuracy", "task_exact_match")
 CURVE_METRICS = ("safety_mass", "drift_kl")

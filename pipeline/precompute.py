@@ -1,6 +1,6 @@
 """Stage 1: run the reference (aligned) model once over the fine-tuning set, cache its targets.
 
-For every example (encoded by `pipeline.encoding.encode_example`, the encoding the
+For every example (encoded by `pact.core.encoding.encode_example`, the encoding the
 trainer uses) and every response step t -- the logits at input position
 `response_start - 1 + t`, which predict response token t -- the store receives the
 full-vocabulary log-probs of the safety tokens, the teacher-forced token, its
@@ -56,8 +56,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.data import FORMATS, load_examples
-from pipeline.encoding import (
+from pact.core.atomic import atomic_write_with
+from pact.core.data import FORMATS, load_examples
+from pact.core.encoding import (
     Encoded,
     EncodingOptions,
     assistant_header_ids,
@@ -65,7 +66,8 @@ from pipeline.encoding import (
     encoding_fingerprints,
     post_only_ids,
 )
-from pipeline.models import (
+from pact.core.errors import PactError
+from pact.core.models import (
     DTYPES,
     check_dir,
     load_model,
@@ -75,11 +77,15 @@ from pipeline.models import (
     resolve_device,
     resolve_dtype,
 )
-from store.atomic import atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import SafetySet, load_safety_set
-from store.targets import ROW_GROUP_ROWS, VALUE_DTYPES, TargetReader, TargetWriter, unreadable_part
+from pact.store.manifest import Store
+from pact.store.safety import SafetySet, load_safety_set
+from pact.store.targets import (
+    ROW_GROUP_ROWS,
+    VALUE_DTYPES,
+    TargetReader,
+    TargetWriter,
+    unreadable_part,
+)
 
 # Reference-entry keys whose change invalidates every stored row (post-only rows included).
 GLOBAL_REFERENCE_KEYS = (

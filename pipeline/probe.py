@@ -29,12 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import Example
-from pipeline.encoding import Encoded, EncodingOptions, encode_example
-from store.atomic import atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import SafetySet, load_safety_set
+from pact.core.atomic import atomic_write_with
+from pact.core.data import Example
+from pact.core.encoding import Encoded, EncodingOptions, encode_example
+from pact.core.errors import PactError
+from pact.store.manifest import Store
+from pact.store.safety import SafetySet, load_safety_set
 
 PROBE_DIR = "probe"
 PROBE_META_KEY = b"pact.probe"

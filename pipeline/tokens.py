@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import Example, load_examples
-from pipeline.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
-from pipeline.models import check_dir, file_sha256
-from store.atomic import atomic_write_bytes
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
+from pact.core.atomic import atomic_write_bytes
+from pact.core.data import Example, load_examples
+from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
+from pact.core.errors import PactError
+from pact.core.models import check_dir, file_sha256
+from pact.store.manifest import Store
+from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
 
 DIFF_MODES = ("p_diff", "pref_logratio")
 KEPT_THRESHOLD = 1e-9  # |d_j| above this counts as non-zero for the standardisation
@@ -344,7 +344,7 @@ def decode_token(tokenizer: Any, token_id: int) -> str:
 
 
 def tokens_table(tokenizer: Any, direction: SafetyDirection, safety: SafetySet) -> pa.Table:
-    """One row per token of S (store.safety.TOKENS_SCHEMA); rank 1 = largest aligned prob in S."""
+    """One row per token of S (pact.store.safety.TOKENS_SCHEMA); rank 1 = largest aligned prob in S."""
     ids = safety.token_ids
     aligned_prob = direction.aligned_mass[ids].astype(np.float64)
     rank = np.empty(len(ids), dtype=np.int32)
@@ -372,7 +372,7 @@ def generate_refusals(
     batch_size: int,
 ) -> list[str]:
     """Greedy refusals of the aligned model for each example's prompt (stripped text)."""
-    from pipeline.generation import greedy_generate, prompt_ids
+    from pact.pipeline.generation import greedy_generate, prompt_ids
 
     prompts = [prompt_ids(tokenizer, example.messages) for example in examples]
     texts = greedy_generate(
@@ -435,7 +435,7 @@ def _check_tokenizer_vocabularies(
     aligned_tokenizer: Any, base_dir: Path, trust_remote_code: bool
 ) -> None:
     """Compare the base directory's tokenizer (when it has one) with the aligned one."""
-    from pipeline.models import load_tokenizer
+    from pact.core.models import load_tokenizer
 
     if not any((base_dir / name).is_file() for name in _TOKENIZER_FILES):
         return
@@ -483,7 +483,7 @@ def run_tokens(
     progress: bool = True,
 ) -> TokensResult:
     """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error)."""
-    from pipeline.models import load_model, load_tokenizer, model_fingerprint
+    from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
     started = time.perf_counter()
     aligned_dir, base_dir, data_path = Path(aligned_dir), Path(base_dir), Path(data_path)

@@ -1,13 +1,13 @@
 """`pact train` from the pipeline side: what the trainer reads, prepared here.
 
 trainer/ imports nothing of the pipeline but its shared encoding (docs/architecture.md),
-so `run_train` hands `trainer.train.train` the rest:
+so `run_train` hands `pact.trainer.train.train` the rest:
 
 - `prepare_inputs`: the fine-tuning set read (pipeline/data.py) and encoded, the
   tokenizer and the model fingerprint (pipeline/models.py), the store, its safety set
   and its record of the targets checked against this run, and the drift probe;
-- `pipeline.models.load_model` for the model to fine-tune (and a frozen online
-  reference), `pipeline.models.resolve_device` for `--device`;
+- `pact.core.models.load_model` for the model to fine-tune (and a frozen online
+  reference), `pact.core.models.resolve_device` for `--device`;
 - `StoreDriftProbe`: `--probe-every` with pipeline/probe.py.
 
 The CLI (`pipeline/commands/train.py`), the demo and the benchmarks train through
@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import models
-from pipeline.data import FORMATS, Example, load_examples
-from pipeline.encoding import encode_example
-from pipeline.probe import (
+from pact.core import distributed, models
+from pact.core.data import FORMATS, Example, load_examples
+from pact.core.distributed import Ranks
+from pact.core.encoding import encode_example
+from pact.core.errors import PactError
+from pact.pipeline.probe import (
     encode_probe,
     probe_drift,
     probe_encoding_options,
@@ -36,14 +38,11 @@ from pipeline.probe import (
     safety_logprobs,
     write_reference_probe,
 )
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import SafetySet, load_safety_set
-from store.targets import TargetReader
-from trainer import distributed
-from trainer.distributed import Ranks
-from trainer.train import DEFAULT_MAX_LENGTH, RunInputs, TrainConfig, TrainResult, train
-from trainer.validate import (
+from pact.store.manifest import Store
+from pact.store.safety import SafetySet, load_safety_set
+from pact.store.targets import TargetReader
+from pact.trainer.train import DEFAULT_MAX_LENGTH, RunInputs, TrainConfig, TrainResult, train
+from pact.trainer.validate import (
     check_examples,
     check_reference,
     check_vocabulary,
@@ -119,7 +118,7 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
 
 @dataclass
 class StoreDriftProbe:
-    """`--probe FILE --probe-every N` (`trainer.train.DriftProbe`): the drift of the
+    """`--probe FILE --probe-every N` (`pact.trainer.train.DriftProbe`): the drift of the
     model's safety-token confidences on FILE from the store's cached reference probe
     (pipeline/probe.py, as `pact eval --probe` measures it)."""
 

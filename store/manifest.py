@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from store.atomic import TEMP_PREFIX, atomic_write_bytes
-from store.errors import PactError
+from pact.core.atomic import TEMP_PREFIX, atomic_write_bytes
+from pact.core.errors import PactError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

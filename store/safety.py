@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from store.atomic import atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
+from pact.core.atomic import atomic_write_with
+from pact.core.errors import PactError
+from pact.store.manifest import Store
 
 SAFETY_FILE = "safety_tokens.safetensors"
 TOKENS_FILE = "tokens.parquet"

@@ -16,11 +16,11 @@ from typing import Any
 
 import duckdb
 
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import TOKENS_FILE, TOKENS_SCHEMA
-from store.tables import EVALS_SCHEMA, METRICS_SCHEMA
-from store.targets import check_part_schema, post_schema, targets_schema
+from pact.core.errors import PactError
+from pact.store.manifest import Store
+from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA
+from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
+from pact.store.targets import check_part_schema, post_schema, targets_schema
 
 ALLOWED_STATEMENTS = {"SELECT"}
 VIEWS = ("safety_tokens", "targets", "post_targets", "metrics", "evals", "confidences")

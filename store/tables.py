@@ -12,9 +12,9 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.atomic import atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
+from pact.core.atomic import atomic_write_with
+from pact.core.errors import PactError
+from pact.store.manifest import Store
 
 METRICS_SCHEMA = pa.schema(
     [

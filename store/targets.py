@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.atomic import TEMP_PREFIX, atomic_write_with
-from store.errors import PactError
-from store.manifest import Store
+from pact.core.atomic import TEMP_PREFIX, atomic_write_with
+from pact.core.errors import PactError
+from pact.store.manifest import Store
 
 VALUE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 ROW_GROUP_ROWS = 2048

@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_pact(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` from the repo root (with `env` added to the environment);
+    """`python -m pact ARGS` from the repo root (with `env` added to the environment);
     returns the completed process."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)],
+        [sys.executable, "-m", "pact", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

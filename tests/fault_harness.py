@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests: kill `pact` with SIGKILL, make writes fail.
 
-`ForkServer` runs the real CLI entry point (`pipeline.cli.main`, what `pact` and
-`python -m pipeline` run) in child processes forked from a warm server process
+`ForkServer` runs the real CLI entry point (`pact.pipeline.cli.main`, what `pact` and
+`python -m pact` run) in child processes forked from a warm server process
 that has already imported torch, transformers and pact. A trial then costs the
 command's own work instead of the ~4 s of imports, which is what lets 20+ kill
 trials fit in the test budget. The server is `python tests/fault_harness.py`;
@@ -50,8 +50,8 @@ DEFAULT_PRELOAD = (
     "torch",
     "transformers",
     "transformers.models.llama.modeling_llama",
-    "pipeline.cli",
-    "pipeline.precompute",
+    "pact.pipeline.cli",
+    "pact.pipeline.precompute",
 )
 FAULT_ACTIONS = ("kill", "enospc", "enospc-half")
 POLL_S = 0.002
@@ -159,7 +159,7 @@ def _child(request: dict[str, Any]) -> None:
         for fault in request.get("faults") or []:
             Fault(**fault).install()
         sys.argv = ["pact", *request["argv"]]
-        from pipeline.cli import main
+        from pact.pipeline.cli import main
 
         try:
             main()
@@ -343,7 +343,7 @@ def unregistered_parts(store: Any) -> set[str]:
 def read_all_targets(store: Any) -> dict[str, tuple]:
     """example_id -> (token_hash, token ids, token logprobs, entropy, full, post), read
     through `TargetReader` (so the store must open and every example must be readable)."""
-    from store.targets import TargetReader
+    from pact.store.targets import TargetReader
 
     reader = TargetReader(store)
     out = {}
@@ -428,7 +428,7 @@ def model_variant(
         vocab["a"], vocab["e"] = vocab["e"], vocab["a"]
         tokenizer_file.write_text(json.dumps(spec))
     if template is not None:
-        from pipeline.models import load_tokenizer
+        from pact.core.models import load_tokenizer
 
         tokenizer = load_tokenizer(target)
         tokenizer.chat_template = template

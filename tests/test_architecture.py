@@ -1,7 +1,7 @@
 """The packages' dependency rule (docs/architecture.md, "Dependencies"), checked on the
 source with `ast`: every import statement counts, at a module's top or inside a function.
 
-- `trainer/` imports nothing of the pipeline but its shared encoding (`pipeline.encoding`);
+- `trainer/` imports nothing of the pipeline but its shared encoding (`pact.core.encoding`);
 - `store/` imports neither `pipeline` nor `trainer`, nor torch model code
   (`transformers`, `peft`);
 - in `pipeline/`, only the wiring (the CLI, its commands, `training.py`, the demo)
@@ -50,7 +50,7 @@ def violations(folder: str, forbidden: Callable[[str], bool], *, skip: tuple[str
 
 
 def test_trainer_imports_only_the_encoding_of_the_pipeline() -> None:
-    assert violations("trainer", lambda n: within(n, "pipeline") and not within(n, "pipeline.encoding")) == []
+    assert violations("trainer", lambda n: within(n, "pipeline") and not within(n, "pact.core.encoding")) == []
 
 
 def test_store_imports_no_pipeline_trainer_or_model_code() -> None:
@@ -75,15 +75,15 @@ def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
     )
     names = [name for _, name in imported_names(module, root=tmp_path)]
     assert names == [
-        "pipeline", "torch", "pipeline.models", "pipeline.data", "pipeline.encoding", "trainer.loss.pact_kl",
-        "pipeline.probe.probe_drift", "pipeline.encoding.encode_example",
+        "pipeline", "torch", "pact.core.models", "pact.core.data", "pact.core.encoding", "pact.trainer.loss.pact_kl",
+        "pact.pipeline.probe.probe_drift", "pact.core.encoding.encode_example",
     ]  # fmt: skip
-    refused = [n for n in names if within(n, "pipeline") and not within(n, "pipeline.encoding")]
-    assert refused == ["pipeline", "pipeline.models", "pipeline.data", "pipeline.probe.probe_drift"]
+    refused = [n for n in names if within(n, "pipeline") and not within(n, "pact.core.encoding")]
+    assert refused == ["pipeline", "pact.core.models", "pact.core.data", "pact.pipeline.probe.probe_drift"]
 
 
 def test_importing_the_trainer_loads_no_pipeline_module_but_the_encoding() -> None:
-    """At run time too, transitively: `pipeline.encoding` imports `pipeline.data` for a type
+    """At run time too, transitively: `pact.core.encoding` imports `pact.core.data` for a type
     annotation only, so loading the trainer does not load data ingestion."""
     import subprocess
     import sys
@@ -95,4 +95,4 @@ def test_importing_the_trainer_loads_no_pipeline_module_but_the_encoding() -> No
     loaded = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert loaded == ["pipeline", "pipeline.encoding"]
+    assert loaded == ["pipeline", "pact.core.encoding"]

@@ -25,8 +25,8 @@ from bench.common import (  # noqa: E402
     summarize,
     synthetic_store,
 )
-from store.manifest import Store  # noqa: E402
-from store.targets import TargetReader  # noqa: E402
+from pact.store.manifest import Store  # noqa: E402
+from pact.store.targets import TargetReader  # noqa: E402
 
 
 def test_alternate_runs_rounds_in_abba_order():
@@ -184,9 +184,9 @@ def test_reset_peak_rss_forgets_an_earlier_peak():
 
 
 def test_synthetic_rows_encode_to_exactly_the_sequence_length(tmp_path):
-    from pipeline.data import load_examples
-    from pipeline.encoding import EncodingOptions, encode_example
-    from pipeline.models import load_tokenizer
+    from pact.core.data import load_examples
+    from pact.core.encoding import EncodingOptions, encode_example
+    from pact.core.models import load_tokenizer
 
     save_llama(tmp_path / "m", dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2))
@@ -204,8 +204,8 @@ def test_synthetic_rows_encode_to_exactly_the_sequence_length(tmp_path):
 def test_naive_pass_computes_what_the_chunked_head_computes(tmp_path):
     import torch
 
-    from pipeline.models import load_model
-    from pipeline.precompute import reference_targets
+    from pact.core.models import load_model
+    from pact.pipeline.precompute import reference_targets
 
     save_llama(tmp_path / "m", dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2))

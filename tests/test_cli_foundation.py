@@ -7,7 +7,7 @@ import json
 from cli_helpers import run_pact
 from test_store import fill, make_safety
 
-from store import Store
+from pact.store import Store
 
 
 def test_help_lists_commands():

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import content_hash, load_examples
-from store.errors import PactError
+from pact.core.data import content_hash, load_examples
+from pact.core.errors import PactError
 
 
 def write_jsonl(path, rows):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.demo.run import DemoSettings, check_results, format_results, run_demo
-from store.errors import PactError
+from pact.core.errors import PactError
+from pact.pipeline.demo.run import DemoSettings, check_results, format_results, run_demo
 
 SMOKE = DemoSettings(epochs=1, eval_limit=6, probe_examples=6, max_safety_examples=24, max_new_tokens=8)
 

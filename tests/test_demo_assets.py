@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.demo import build_assets as ba
-from pipeline.demo import generate_data as gd
+from pact.pipeline.demo import build_assets as ba
+from pact.pipeline.demo import generate_data as gd
 
 ASSETS = ba.ASSETS_DIR
 MODEL_DIRS = ("base", "aligned")
@@ -35,7 +35,7 @@ def test_shipped_data_matches_the_generator() -> None:
     expected = gd.generate_all(gd.DEFAULT_SEED)
     for name, rows in expected.items():
         assert _rows(name) == rows, (
-            f"{name}.jsonl is stale: rerun python -m pipeline.demo.build_assets"
+            f"{name}.jsonl is stale: rerun python -m pact.pipeline.demo.build_assets"
         )
 
 

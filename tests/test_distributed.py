@@ -29,8 +29,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from train_fixtures import World, build_world, data_rows, make_safety, write_jsonl
 
-from pipeline.commands.precompute import precompute_command
-from pipeline.precompute import (
+from pact.core import distributed
+from pact.core.distributed import Ranks
+from pact.core.errors import PactError
+from pact.pipeline.commands.precompute import precompute_command
+from pact.pipeline.precompute import (
     PrecomputeOptions,
     PrecomputeSummary,
     missing_examples,
@@ -38,15 +41,13 @@ from pipeline.precompute import (
     shard_of,
     torchrun_defaults,
 )
-from pipeline.training import run_train
-from store.errors import PactError
-from store.manifest import Store
-from store.sql import query
-from store.targets import TargetReader
-from trainer import checkpoint, distributed
-from trainer.batches import epoch_batches, rank_share
-from trainer.distributed import Ranks
-from trainer.train import TrainConfig, TrainResult
+from pact.pipeline.training import run_train
+from pact.store.manifest import Store
+from pact.store.sql import query
+from pact.store.targets import TargetReader
+from pact.trainer import checkpoint
+from pact.trainer.batches import epoch_batches, rank_share
+from pact.trainer.train import TrainConfig, TrainResult
 
 pytestmark = pytest.mark.slow
 LAUNCH_TIMEOUT_S = 300
@@ -165,14 +166,14 @@ def config_for(world: World, out: Path, **overrides: object) -> TrainConfig:
 SCENARIOS = textwrap.dedent(
     """
     import importlib, json, sys
-    from pipeline.cli import cli
-    from store.errors import PactError
-    from trainer import distributed
-    from pipeline.training import run_train
-    from trainer.train import TrainConfig
+    from pact.pipeline.cli import cli
+    from pact.core.errors import PactError
+    from pact.core import distributed
+    from pact.pipeline.training import run_train
+    from pact.trainer.train import TrainConfig
 
     spec = json.loads(open(sys.argv[1]).read())
-    train_module = importlib.import_module("trainer.train")
+    train_module = importlib.import_module("pact.trainer.train")
     real_loss = train_module.batch_loss
 
 
@@ -385,7 +386,7 @@ class _RecordingReader(TargetReader):
 def test_targets_memory_budget_below_the_cache_trains_the_same(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pipeline.training.TargetReader", _RecordingReader)  # prepare_inputs reads the targets
+    monkeypatch.setattr("pact.pipeline.training.TargetReader", _RecordingReader)  # prepare_inputs reads the targets
     _RecordingReader.instances = []
     roomy = run_train(config_for(world, tmp_path / "roomy", finetune="lora", save_every=0))
     tight = run_train(config_for(world, tmp_path / "tight", finetune="lora", save_every=0, targets_memory_mb=1e-4))
@@ -441,7 +442,7 @@ def test_launch_ranks_reads_the_torchrun_environment() -> None:
 
 
 def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.commands import train as command_module
+    from pact.pipeline.commands import train as command_module
 
     captured = {}
 
@@ -526,7 +527,7 @@ def one_rank_store(world: World, path: Path, options: PrecomputeOptions | None =
 def test_precompute_on_two_ranks_equals_one_rank(world: World, tmp_path: Path) -> None:
     single = one_rank_store(world, tmp_path / "single")
     sharded = fresh_store(world, tmp_path / "sharded")
-    launch = torchrun(tmp_path, "-m", "pipeline", "precompute", *precompute_args(world, sharded))
+    launch = torchrun(tmp_path, "-m", "pact", "precompute", *precompute_args(world, sharded))
     assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
     owned = [sum(shard_of(r["id"], 2) == k for r in data_rows()) for k in (0, 1)]
     assert launch.stdout.count("precompute (2 ranks") == 1  # rank 0 prints the merged summary
@@ -542,7 +543,7 @@ def test_precompute_rerun_after_a_rank_died_computes_only_its_missing_slice(
     """Rank 0 finished its shard; rank 1 died after registering one part (one batch: a
     part holds whole batches). A 2-rank rerun computes nothing on rank 0 and the rest of
     shard 1 on rank 1."""
-    import pipeline.precompute as precompute_module
+    import pact.pipeline.precompute as precompute_module
 
     single = one_rank_store(world, tmp_path / "single")
     store = fresh_store(world, tmp_path / "store")
@@ -566,7 +567,7 @@ def test_precompute_rerun_after_a_rank_died_computes_only_its_missing_slice(
     done = len(TargetReader(Store(store))) - owned[0]  # rank 1's first part: its first batch
     assert 0 < done <= 3 and done < owned[1]
 
-    launch = torchrun(tmp_path, "-m", "pipeline", "precompute", *precompute_args(world, store))
+    launch = torchrun(tmp_path, "-m", "pact", "precompute", *precompute_args(world, store))
     assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
     left = owned[1] - done
     assert f"computed per rank: 0 + {left}): {left} examples computed, {owned[0] + done} skipped" in launch.stdout
@@ -629,7 +630,7 @@ echo 127.0.0.1
 
 PACT_REPORTING_THREADS = """
 import os, sys
-from pipeline.cli import main
+from pact.pipeline.cli import main
 
 try:
     main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.loss import PactConfig, pact_kl, response_cross_entropy
+from pact.trainer.loss import PactConfig, pact_kl, response_cross_entropy
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

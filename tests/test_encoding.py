@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from pipeline.data import Example, content_hash
-from pipeline.encoding import (
+from pact.core.data import Example, content_hash
+from pact.core.encoding import (
     HEADER_FALLBACK,
     IGNORE_INDEX,
     EncodingOptions,
@@ -21,7 +21,7 @@ from pipeline.encoding import (
     render,
     tokenize,
 )
-from store.errors import PactError
+from pact.core.errors import PactError
 
 
 def example(messages, response, example_id="e1"):

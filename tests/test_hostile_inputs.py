@@ -4,8 +4,8 @@ no traceback, and changes nothing on disk.
 Data files: the committed corpus tests/hostile/files (see tests/hostile/README.md), each run
 as `pact data FILE`. Stores: a valid store is built here, damaged one way per case, then read
 through `pact sql`, `TargetReader` and `load_safety_set`. `pact` runs in this process through
-`pipeline.cli.main` (the code `python -m pipeline` runs; fast); a sample of cases also runs as
-real `python -m pipeline` subprocesses and must print byte-identical errors.
+`pact.pipeline.cli.main` (the code `python -m pact` runs; fast); a sample of cases also runs as
+real `python -m pact` subprocesses and must print byte-identical errors.
 Cases marked as known bugs are strict xfails naming the fix they wait for; once one XPASSes,
 clear its `known_bug` (tests/hostile/make_corpus.py, then rerun it) or delete its entry from `bugs`.
 """
@@ -36,8 +36,9 @@ from hostile.make_corpus import CASES, FILES, README, readme_text, write_corpus
 from safetensors.numpy import save_file
 from test_store import S, fill, make_safety
 
-from pipeline.data import load_examples
-from store import PactError, Store, TargetReader, load_safety_set
+from pact.core.data import load_examples
+from pact.core.errors import PactError
+from pact.store import Store, TargetReader, load_safety_set
 
 # -- the data-file corpus --------------------------------------------------------------------
 
@@ -478,7 +479,7 @@ def test_damaged_store_gives_one_clear_line(damaged_stores, damage, surface):
 
 
 def test_real_entry_point_prints_the_same_line(damaged_stores):
-    """`python -m pipeline ...` subprocesses print exactly the line call_pact captured."""
+    """`python -m pact ...` subprocesses print exactly the line call_pact captured."""
     data_cases = [c for c in CASES if c.name in ("truncated_last_line.jsonl", "nan_completion.parquet")]
     damage = next(d for d in DAMAGES if d.name == "path_parent_traversal")
     store_root = damaged_stores[damage.name][1].root

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.loss import (
+from pact.trainer.loss import (
     PactConfig,
     PactTerms,
     constrained_sft_betas,
@@ -655,7 +655,7 @@ def test_fused_ce_alone_equals_response_cross_entropy() -> None:
 
 
 def test_fused_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.loss as loss_module
+    import pact.trainer.loss as loss_module
 
     logits, labels, positions, safety_ids, upstream = _fused_case(seed=2)
     results = []

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.commands.plot import plot_command
-from pipeline.plot import latest_evals, plot_store
-from store import PactError, Store
-from store.tables import EVALS_SCHEMA, METRICS_SCHEMA, write_table
+from pact.core.errors import PactError
+from pact.pipeline.commands.plot import plot_command
+from pact.pipeline.plot import latest_evals, plot_store
+from pact.store import Store
+from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA, write_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,17 +19,18 @@ from click.testing import CliRunner
 from fault_harness import read_all_targets
 from tiny import make_model, make_tokenizer
 
-from pipeline.commands.precompute import precompute_command
-from pipeline.commands.sql import sql_command
-from pipeline.data import load_examples
-from pipeline.encoding import (
+from pact.core.data import load_examples
+from pact.core.encoding import (
     EncodingOptions,
     assistant_header_ids,
     encode_example,
     post_only_ids,
 )
-from pipeline.models import context_length, load_model, load_tokenizer
-from pipeline.precompute import (
+from pact.core.errors import PactError
+from pact.core.models import context_length, load_model, load_tokenizer
+from pact.pipeline.commands.precompute import precompute_command
+from pact.pipeline.commands.sql import sql_command
+from pact.pipeline.precompute import (
     PrecomputeOptions,
     Shard,
     part_starts,
@@ -40,10 +41,10 @@ from pipeline.precompute import (
     shard_of,
     torchrun_defaults,
 )
-from store import PactError, Store, TargetReader
-from store.safety import safety_set_from_vector, save_safety_set
-from store.sql import query
-from trainer.validate import check_examples
+from pact.store import Store, TargetReader
+from pact.store.safety import safety_set_from_vector, save_safety_set
+from pact.store.sql import query
+from pact.trainer.validate import check_examples
 
 SAFETY_IDS = [7, 20, 41, 100, 150, 200, 262]
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
@@ -345,7 +346,7 @@ def _many_rows(count: int, responses: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def post_passes(monkeypatch):
     """Rows of every post-only forward pass `run_precompute` makes (the LM-head probe skipped)."""
-    import pipeline.precompute as precompute
+    import pact.pipeline.precompute as precompute
 
     rows: list[int] = []
     original = precompute.reference_targets
@@ -377,7 +378,7 @@ def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_pa
     """With parts of 8 examples each part's new responses are computed together, at most
     one partial pass per part; a part's post-only rows are registered with it. The queue
     limit (POST_QUEUE_BATCHES batches of responses) caps the work planned at once."""
-    import pipeline.precompute as precompute
+    import pact.pipeline.precompute as precompute
 
     data = _write_jsonl(tmp_path / "d.jsonl", _many_rows(48, 16))
     store = _new_store(tmp_path / "store", assets["vocab"])
@@ -545,7 +546,7 @@ class _Crash(Exception):
 
 
 def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
-    import pipeline.precompute as precompute
+    import pact.pipeline.precompute as precompute
 
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     reference = _new_store(tmp_path / "ref-store", assets["vocab"])
@@ -637,9 +638,9 @@ def test_new_reference_model_recomputes_everything(assets, tmp_path):
 
 
 def test_reference_entry_in_manifest(assets, tmp_path):
-    from pipeline.encoding import encoding_fingerprints
-    from pipeline.models import model_fingerprint
-    from store.safety import load_safety_set
+    from pact.core.encoding import encoding_fingerprints
+    from pact.core.models import model_fingerprint
+    from pact.store.safety import load_safety_set
 
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:3])
     store = _new_store(tmp_path / "store", assets["vocab"])

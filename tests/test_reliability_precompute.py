@@ -36,11 +36,11 @@ from fault_harness import (
 from tiny import make_model, make_tokenizer
 from train_fixtures import make_safety, write_jsonl
 
-from pipeline.data import load_examples
-from pipeline.encoding import EncodingOptions, encode_example
-from pipeline.models import load_tokenizer
-from pipeline.precompute import PrecomputeOptions, run_precompute
-from store import Store
+from pact.core.data import load_examples
+from pact.core.encoding import EncodingOptions, encode_example
+from pact.core.models import load_tokenizer
+from pact.pipeline.precompute import PrecomputeOptions, run_precompute
+from pact.store import Store
 
 SEED = 20260307
 KILL_TRIALS = 20
@@ -48,7 +48,7 @@ KILLS_PER_CHAIN = 4  # a chain: kill, kill (a killed rerun), ..., then an uninte
 NUM_EXAMPLES = 240
 BATCH_SIZE = 8
 # Parts of one batch, and parts of 5 (not a multiple of the batch): a part is closed at
-# the end of a batch (`pipeline.precompute.part_starts`), so a killed run has registered
+# the end of a batch (`pact.pipeline.precompute.part_starts`), so a killed run has registered
 # whole batches, the rerun forms the same batches, and its values are bitwise equal to an
 # uninterrupted run's either way.
 ALIGNED_PART_SIZE = 8

@@ -41,11 +41,11 @@ from safetensors.torch import load_file
 from tiny import make_model, make_tokenizer
 from train_fixtures import make_safety, write_jsonl
 
-from pipeline.training import run_train
-from store import Store, TargetReader
-from trainer import checkpoint
-from trainer.batches import epoch_batches
-from trainer.train import TrainConfig
+from pact.pipeline.training import run_train
+from pact.store import Store, TargetReader
+from pact.trainer import checkpoint
+from pact.trainer.batches import epoch_batches
+from pact.trainer.train import TrainConfig
 
 SEED = 20260307
 KILL_TRIALS = 10
@@ -90,7 +90,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world):
     """The fork server; it first fills the world's store with the real `pact precompute`."""
-    with ForkServer(world["root"] / "fork-logs", DEFAULT_PRELOAD + ("trainer.train", "peft")) as forks:
+    with ForkServer(world["root"] / "fork-logs", DEFAULT_PRELOAD + ("pact.trainer.train", "peft")) as forks:
         result = forks.run(precompute_args(world, world["store"]), env=world["env"])
         assert result.returncode == 0, result.stderr
         yield forks
@@ -216,7 +216,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_run(world, s
 CHECKPOINT_KILLS = [
     # (where the kill lands; the fault, counted from the start of each resumed run)
     ("weights written into .tmp-step-N, the rest not",
-     Fault("trainer.checkpoint:save_file", nth=3, when="after")),
+     Fault("pact.trainer.checkpoint:save_file", nth=3, when="after")),
     ("optimizer state written, rng and state not",
      Fault("torch:save", match="optimizer.pt", nth=2, when="after")),
     ("complete .tmp-step-N, not renamed",
@@ -325,7 +325,7 @@ def train_config(world, out: Path, **changes) -> TrainConfig:
 def test_enospc_in_a_checkpoint_write_keeps_the_last_checkpoint(world, server, whole, monkeypatch):
     monkeypatch.setenv("PACT_CACHE_DIR", world["env"]["PACT_CACHE_DIR"])
     run = world["root"] / "enospc"
-    fault = Fault("trainer.checkpoint:save_file", nth=3, when="after", action="enospc-half")
+    fault = Fault("pact.trainer.checkpoint:save_file", nth=3, when="after", action="enospc-half")
     with faults_in_process(fault), pytest.raises(OSError) as failure:
         run_train(train_config(world, run))
     assert failure.value.errno == errno.ENOSPC and "No space left on device" in str(failure.value)

@@ -3,8 +3,8 @@
 relative and inside the store.
 
 Static guards (an AST scan of pipeline/, trainer/, store/) cover what cannot be exercised;
-everything else runs: tiny models built here, `pact sql` through `pipeline.cli.main` (a
-sample also as `python -m pipeline` subprocesses, which must print the same line).
+everything else runs: tiny models built here, `pact sql` through `pact.pipeline.cli.main` (a
+sample also as `python -m pact` subprocesses, which must print the same line).
 Known bugs are strict xfails naming the fix they wait for.
 """
 
@@ -30,12 +30,13 @@ from hostile.harness import (
 )
 from test_store import fill, make_safety
 
-import pipeline.models
-from pipeline.models import load_model, load_tokenizer, model_fingerprint
-from store import PactError, Store, TargetReader
-from store.manifest import check_relative_path
+import pact.core.models
+from pact.core.errors import PactError
+from pact.core.models import load_model, load_tokenizer, model_fingerprint
+from pact.store import Store, TargetReader
+from pact.store.manifest import check_relative_path
 
-PACKAGES = ("pipeline", "trainer", "store")
+PACKAGES = ("pact", "pipeline", "trainer", "store")
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 MODEL_CLASS = re.compile(r"^AutoModel\w*$|^\w+For[A-Z]\w*$")
 
@@ -183,7 +184,7 @@ click.option("--trust-remote-code", is_flag=True)
 
 def test_guard_scans_the_packages():
     files = {p.relative_to(ROOT).as_posix() for p in _package_files()}
-    assert {"pipeline/models.py", "store/sql.py", "store/manifest.py", "pipeline/data.py"} <= files
+    assert {"pact/core/models.py", "store/sql.py", "store/manifest.py", "pact/core/data.py"} <= files
 
 
 @pytest.mark.parametrize("function", [load_model, load_tokenizer])
@@ -297,7 +298,7 @@ def test_remote_tokenizer_code_is_not_run_by_default(tmp_path, tiny_model_dir):
 
 
 def test_models_module_documents_the_policy():
-    assert "safetensors" in pipeline.models.__doc__ and "trust_remote_code" in pipeline.models.__doc__
+    assert "safetensors" in pact.core.models.__doc__ and "trust_remote_code" in pact.core.models.__doc__
 
 
 # -- pact sql: read-only, confined to the store ----------------------------------------------

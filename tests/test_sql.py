@@ -1,4 +1,4 @@
-"""`pact sql --attach NAME=STORE`: a second store's views as schema NAME (store.sql.query's
+"""`pact sql --attach NAME=STORE`: a second store's views as schema NAME (pact.store.sql.query's
 `attach`), and its usage errors through the real entry point.
 
 The write/escape attempts through an attached store are in test_security.py.
@@ -15,8 +15,9 @@ import pytest
 from cli_helpers import run_pact
 from test_store import S, fill, make_safety
 
-from store import PactError, Store, TargetWriter
-from store.sql import check_attach_name, query
+from pact.core.errors import PactError
+from pact.store import Store, TargetWriter
+from pact.store.sql import check_attach_name, query
 
 # Full-context safety-token probabilities per example and step (|S| = 3), chosen so the
 # drift can be checked by hand. Run B differs from run A by:

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from store import (
-    PactError,
+from pact.core.atomic import atomic_path
+from pact.core.errors import PactError
+from pact.store import (
     Store,
     TargetReader,
     TargetWriter,
@@ -17,10 +18,9 @@ from store import (
     safety_set_from_vector,
     save_safety_set,
 )
-from store.atomic import atomic_path
-from store.safety import TOKENS_SCHEMA
-from store.sql import query
-from store.tables import METRICS_SCHEMA, write_table
+from pact.store.safety import TOKENS_SCHEMA
+from pact.store.sql import query
+from pact.store.tables import METRICS_SCHEMA, write_table
 
 S = 3
 
@@ -247,7 +247,7 @@ def test_metrics_without_optional_probe_columns_get_nulls(tmp_path):
 
 
 def test_reader_memory_budget_bounds_the_cache(tmp_path, monkeypatch):
-    import store.targets as targets
+    import pact.store.targets as targets
 
     monkeypatch.setattr(targets, "ROW_GROUP_ROWS", 4)
     store = Store(tmp_path / "s")

@@ -16,10 +16,11 @@ import torch
 from click.testing import CliRunner
 from tiny import make_model, make_tokenizer
 
-from pipeline.commands.sql import sql_command
-from pipeline.commands.tokens import tokens_command
-from pipeline.data import load_examples
-from pipeline.tokens import (
+from pact.core.data import load_examples
+from pact.core.errors import PactError
+from pact.pipeline.commands.sql import sql_command
+from pact.pipeline.commands.tokens import tokens_command
+from pact.pipeline.tokens import (
     REFUSALS_FILE,
     TokensOptions,
     base_prompt_text,
@@ -28,10 +29,9 @@ from pipeline.tokens import (
     safety_direction,
     stage_zero_inputs,
 )
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import TOKENS_FILE, load_safety_set
-from store.targets import TargetWriter
+from pact.store.manifest import Store
+from pact.store.safety import TOKENS_FILE, load_safety_set
+from pact.store.targets import TargetWriter
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLANTED = ("Q", "Z", "X")  # tokens the planted aligned model is made to favour on refusals

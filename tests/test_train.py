@@ -24,16 +24,16 @@ from train_fixtures import (
     write_jsonl,
 )
 
-from pipeline import models
-from pipeline.data import load_examples
-from pipeline.encoding import EncodingOptions, assistant_header_ids, encode_example
-from pipeline.training import run_train
-from store.errors import PactError
-from store.manifest import Store
-from store.sql import query
-from store.targets import TargetReader
-from trainer import checkpoint
-from trainer.batches import (
+from pact.core import models
+from pact.core.data import load_examples
+from pact.core.encoding import EncodingOptions, assistant_header_ids, encode_example
+from pact.core.errors import PactError
+from pact.pipeline.training import run_train
+from pact.store.manifest import Store
+from pact.store.sql import query
+from pact.store.targets import TargetReader
+from pact.trainer import checkpoint
+from pact.trainer.batches import (
     cached_batch,
     collate,
     epoch_batches,
@@ -41,12 +41,17 @@ from trainer.batches import (
     response_token_logprobs,
     step_positions,
 )
-from trainer.loss import PactConfig, constrained_sft_betas, cross_entropy_and_subset, token_logprobs
-from trainer.reference import OnlineReference
-from trainer.train import TrainConfig, TrainResult, batch_loss, load_student
+from pact.trainer.loss import (
+    PactConfig,
+    constrained_sft_betas,
+    cross_entropy_and_subset,
+    token_logprobs,
+)
+from pact.trainer.reference import OnlineReference
+from pact.trainer.train import TrainConfig, TrainResult, batch_loss, load_student
 
 # trainer/__init__ exports the function `train`, which shadows the submodule's attribute name.
-train_module = importlib.import_module("trainer.train")
+train_module = importlib.import_module("pact.trainer.train")
 
 
 @pytest.fixture(scope="module")
@@ -760,7 +765,7 @@ def test_cli_parses_every_option(
 ) -> None:
     from click.testing import CliRunner
 
-    from pipeline.commands import train as command_module
+    from pact.pipeline.commands import train as command_module
 
     captured = {}
 
@@ -800,7 +805,7 @@ def test_cli_parses_every_option(
 def test_cli_trains_and_reports(world: World, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.commands.train import train_command
+    from pact.pipeline.commands.train import train_command
 
     out = tmp_path / "cli-run"
     args = [
@@ -860,7 +865,7 @@ def _probe_world(root: Path) -> tuple[World, Path]:
 
 def test_probe_every_records_drift_and_caches_the_reference_probe(tmp_path: Path) -> None:
     """--probe-every: step 0 is the reference, so its probe is cached; later probes drift."""
-    from pipeline.probe import read_reference_probe
+    from pact.pipeline.probe import read_reference_probe
 
     built, probe = _probe_world(tmp_path)
     config = make_config(built, tmp_path / "run", finetune="full", max_steps=4, lr=5e-2, probe=str(probe), probe_every=2)

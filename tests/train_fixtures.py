@@ -15,18 +15,18 @@ import pyarrow as pa
 import torch
 from tiny import make_model, make_tokenizer
 
-from pipeline.data import load_examples
-from pipeline.encoding import (
+from pact.core.data import load_examples
+from pact.core.encoding import (
     EncodingOptions,
     assistant_header_ids,
     encode_example,
     encoding_fingerprints,
     post_only_ids,
 )
-from pipeline.models import load_model, load_tokenizer, model_fingerprint
-from store.manifest import Store
-from store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
-from store.targets import TargetWriter
+from pact.core.models import load_model, load_tokenizer, model_fingerprint
+from pact.store.manifest import Store
+from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
+from pact.store.targets import TargetWriter
 
 MAX_LENGTH = 64
 NUM_SAFETY = 10

@@ -1,6 +1,6 @@
 """Stage 2: the PACT loss (pure functions) and the training loop behind `pact train`."""
 
-from trainer.loss import (
+from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
     cross_entropy_and_subset,
@@ -8,7 +8,7 @@ from trainer.loss import (
     pact_kl_terms,
     response_cross_entropy,
 )
-from trainer.train import TrainConfig, TrainResult, train
+from pact.trainer.train import TrainConfig, TrainResult, train
 
 __all__ = [
     "PactConfig",

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.encoding import IGNORE_INDEX, Encoded
-from store.errors import PactError
-from store.targets import ExampleTargets, TargetReader
+from pact.core.encoding import IGNORE_INDEX, Encoded
+from pact.core.errors import PactError
+from pact.store.targets import ExampleTargets, TargetReader
 
 
 @dataclass

@@ -39,8 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from store.atomic import TEMP_PREFIX, fsync_dir
-from store.errors import PactError
+from pact.core.atomic import TEMP_PREFIX, fsync_dir
+from pact.core.errors import PactError
 
 CHECKPOINTS_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 2

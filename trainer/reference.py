@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.encoding import post_only_ids
-from trainer.batches import Batch, ReferenceTargets, gather_steps, pad_rows
+from pact.core.encoding import post_only_ids
+from pact.trainer.batches import Batch, ReferenceTargets, gather_steps, pad_rows
 
 
 class OnlineReference:

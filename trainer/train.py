@@ -20,7 +20,7 @@ rank 0 writes (trainer/distributed.py, docs/distributed.md).
 
 The trainer imports nothing of the pipeline but its shared encoding: reading the data,
 loading models and the drift probe come in as arguments of `train()`, which
-`pipeline.training.run_train` (the entry of `pact train`) passes.
+`pact.pipeline.training.run_train` (the entry of `pact train`) passes.
 """
 
 from __future__ import annotations
@@ -49,20 +49,22 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
-from store.atomic import (
+from pact.core import distributed
+from pact.core.atomic import (
     TEMP_PREFIX,
     atomic_write_bytes,
     atomic_write_with,
     remove_stale_temporaries,
 )
-from store.errors import PactError
-from store.manifest import Store
-from store.safety import SafetySet
-from store.tables import METRICS_SCHEMA, write_table
-from store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
-from trainer import checkpoint, distributed
-from trainer.batches import (
+from pact.core.distributed import Ranks
+from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
+from pact.core.errors import PactError
+from pact.store.manifest import Store
+from pact.store.safety import SafetySet
+from pact.store.tables import METRICS_SCHEMA, write_table
+from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
+from pact.trainer import checkpoint
+from pact.trainer.batches import (
     Batch,
     cached_batch,
     collate,
@@ -71,15 +73,14 @@ from trainer.batches import (
     response_token_logprobs,
     step_positions,
 )
-from trainer.checkpoint import TrainerState
-from trainer.distributed import Ranks
-from trainer.loss import (
+from pact.trainer.checkpoint import TrainerState
+from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
     cross_entropy_and_subset,
     pact_kl_terms,
 )
-from trainer.reference import OnlineReference
+from pact.trainer.reference import OnlineReference
 
 METHODS = ("pact", "sft", "constrained-sft")
 REFERENCE_MODES = ("cached", "online")
@@ -216,7 +217,7 @@ def _number(
 def check_config(config: TrainConfig) -> None:
     """One clear PactError for any option, or combination of options, that makes no sense.
 
-    `--format` names a reader of the pipeline: `pipeline.training.run_train` checks it."""
+    `--format` names a reader of the pipeline: `pact.pipeline.training.run_train` checks it."""
     for value, choices, flag in (
         (config.method, METHODS, "--method"),
         (config.reference, REFERENCE_MODES, "--reference"),
@@ -307,7 +308,7 @@ def default_run_id(out: str | Path) -> str:
 
 class LoadModel(Protocol):
     """Loads a causal LM from a local model directory, in eval mode on `device` (the
-    pipeline's `pipeline.models.load_model`: safetensors only, one-line errors)."""
+    pipeline's `pact.core.models.load_model`: safetensors only, one-line errors)."""
 
     def __call__(self, path: str, *, dtype: str, device: str) -> Any: ...
 
@@ -570,7 +571,7 @@ def save_outputs(
 
 class DriftProbe(Protocol):
     """--probe-every: how far the model's safety-token confidences on a probe set drift
-    from the reference's, cached in the store (`pipeline.training.StoreDriftProbe`)."""
+    from the reference's, cached in the store (`pact.pipeline.training.StoreDriftProbe`)."""
 
     def start(self, model: Any, *, fresh: bool) -> None:
         """Before the first step, `model` as loaded (or restored): make sure the store
@@ -584,7 +585,7 @@ class DriftProbe(Protocol):
 @dataclass
 class RunInputs:
     """Everything a run reads before it loads the model, validated: what
-    `pipeline.training.prepare_inputs` hands the trainer."""
+    `pact.pipeline.training.prepare_inputs` hands the trainer."""
 
     tokenizer: Any
     encoded: list[Encoded]
@@ -642,7 +643,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md.
 
-    What the pipeline side provides comes in as arguments (`pipeline.training.run_train`
+    What the pipeline side provides comes in as arguments (`pact.pipeline.training.run_train`
     passes them; trainer/ imports nothing of the pipeline but its shared encoding):
     - `prepare_inputs(config, ranks)`: the data read, encoded and checked against the
       store (and the drift probe), called once the options, the process group and the

@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.encoding import Encoded, EncodingOptions, encoding_fingerprints, tokenizer_fingerprint
-from store.errors import PactError
-from store.safety import SafetySet
-from store.targets import TargetReader
+from pact.core.encoding import (
+    Encoded,
+    EncodingOptions,
+    encoding_fingerprints,
+    tokenizer_fingerprint,
+)
+from pact.core.errors import PactError
+from pact.store.safety import SafetySet
+from pact.store.targets import TargetReader
 
 RERUN = "rerun pact precompute"
 

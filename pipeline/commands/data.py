@@ -6,7 +6,7 @@ import statistics
 
 import click
 
-from pipeline.data import FORMATS, load_examples
+from pact.core.data import FORMATS, load_examples
 
 
 def _stats(values: list[int]) -> str:

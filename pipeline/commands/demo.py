@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.demo.run import DemoSettings, check_results, format_results, run_demo
+from pact.pipeline.demo.run import DemoSettings, check_results, format_results, run_demo
 
 
 @click.command("demo")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from pipeline.commands.sql import format_table
-from pipeline.evaluate import REFUSAL_WINDOW, TASK_METRICS, EvalOptions, run_eval
-from pipeline.models import DTYPES
+from pact.core.models import DTYPES
+from pact.pipeline.commands.sql import format_table
+from pact.pipeline.evaluate import REFUSAL_WINDOW, TASK_METRICS, EvalOptions, run_eval
 
 _FILE = click.Path(dir_okay=False, path_type=str)
 _DIR = click.Path(path_type=str)

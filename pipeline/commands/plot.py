@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.plot import plot_store
+from pact.pipeline.plot import plot_store
 
 
 @click.command("plot")

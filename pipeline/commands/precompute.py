@@ -6,12 +6,12 @@ import os
 
 import click
 
-from pipeline.data import FORMATS
-from pipeline.models import DTYPES
-from pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
-from store.errors import PactError
-from store.targets import VALUE_DTYPES
-from trainer import distributed
+from pact.core import distributed
+from pact.core.data import FORMATS
+from pact.core.errors import PactError
+from pact.core.models import DTYPES
+from pact.pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
+from pact.store.targets import VALUE_DTYPES
 
 
 @click.command("precompute")

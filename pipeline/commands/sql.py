@@ -10,9 +10,9 @@ import math
 
 import click
 
-from store.errors import PactError
-from store.manifest import Store
-from store.sql import check_attachments, query
+from pact.core.errors import PactError
+from pact.store.manifest import Store
+from pact.store.sql import check_attachments, query
 
 
 def _cell(value: object) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from pipeline.commands.sql import format_table
-from pipeline.data import FORMATS
-from pipeline.models import DTYPES
-from pipeline.tokens import DIFF_MODES, TokensOptions, TokensResult, run_tokens
-from store.errors import PactError
+from pact.core.data import FORMATS
+from pact.core.errors import PactError
+from pact.core.models import DTYPES
+from pact.pipeline.commands.sql import format_table
+from pact.pipeline.tokens import DIFF_MODES, TokensOptions, TokensResult, run_tokens
 
 _DEFAULTS = TokensOptions()
 TABLE_COLUMNS = ["rank", "token_id", "token", "aligned_prob", "base_prob", "score", "weight"]

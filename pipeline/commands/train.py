@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from pipeline.data import FORMATS
-from pipeline.training import run_train
-from store.targets import DEFAULT_MEMORY_BUDGET_MB
-from trainer import distributed
-from trainer.loss import PactConfig
-from trainer.train import (
+from pact.core import distributed
+from pact.core.data import FORMATS
+from pact.pipeline.training import run_train
+from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
+from pact.trainer.loss import PactConfig
+from pact.trainer.train import (
     DEFAULT_LORA_TARGETS,
     FINETUNE_MODES,
     METHODS,
@@ -220,7 +220,7 @@ def train_command(
     """Fine-tune --model on --data with the PACT loss (CE + λ·KL on the safety tokens),
     reading the reference's statistics from --store: the reference is never loaded.
 
-    Under torchrun (`torchrun --nproc_per_node N -m pipeline train ...`) it runs DDP
+    Under torchrun (`torchrun --nproc_per_node N -m pact train ...`) it runs DDP
     (or FSDP with --fsdp); --batch-size is per rank: one optimizer step sees
     batch-size x ranks x grad-accum examples (docs/distributed.md).
 

@@ -2,7 +2,7 @@
 
 Steps (all local, nothing downloaded, deterministic for a given seed):
 
-1. Generate the synthetic JSONL files (``pipeline.demo.generate_data``) into
+1. Generate the synthetic JSONL files (``pact.pipeline.demo.generate_data``) into
    ``<out>/data/``.
 2. Train a byte-level BPE tokenizer (``tokenizers``) on the training files and
    wrap it as a ``transformers.PreTrainedTokenizerFast`` with a Jinja chat
@@ -23,8 +23,8 @@ Steps (all local, nothing downloaded, deterministic for a given seed):
 
 Usage::
 
-    python -m pipeline.demo.build_assets            # full rebuild (~5 min, 1 CPU thread)
-    python -m pipeline.demo.build_assets --check    # only evaluate the shipped models
+    python -m pact.pipeline.demo.build_assets            # full rebuild (~5 min, 1 CPU thread)
+    python -m pact.pipeline.demo.build_assets --check    # only evaluate the shipped models
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from pipeline.demo import generate_data as gd
+from pact.pipeline.demo import generate_data as gd
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 

@@ -26,7 +26,7 @@ Files written by :func:`main` (all JSONL rows are ``{"id", "prompt",
 ``heldout_benign.jsonl``   unseen benign actions x unseen phrasings (completion = a helpful answer)
 ``heldout_task.jsonl``     unseen task sentences (completion = the label)
 
-Run ``python -m pipeline.demo.generate_data --help``.
+Run ``python -m pact.pipeline.demo.generate_data --help``.
 """
 
 from __future__ import annotations

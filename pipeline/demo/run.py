@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from store.atomic import atomic_write_bytes
-from store.errors import PactError
-from store.manifest import Store
+from pact.core.atomic import atomic_write_bytes
+from pact.core.errors import PactError
+from pact.store.manifest import Store
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHODS = ("sft", "constrained-sft", "pact")
@@ -68,7 +68,7 @@ def asset_paths() -> dict[str, Path]:
     }
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise PactError(f"demo assets are missing ({missing[0]}); rebuild with `python -m pipeline.demo.build_assets`")
+        raise PactError(f"demo assets are missing ({missing[0]}); rebuild with `python -m pact.pipeline.demo.build_assets`")
     return paths
 
 
@@ -83,13 +83,13 @@ def _limit(path: Path, limit: int | None, out_dir: Path) -> Path:
 
 def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into `out_dir` and return the results dict written to results.json."""
-    from pipeline.evaluate import EvalOptions, run_eval
-    from pipeline.plot import plot_store
-    from pipeline.precompute import PrecomputeOptions, run_precompute
-    from pipeline.tokens import TokensOptions, run_tokens
-    from pipeline.training import run_train
-    from store.sql import query
-    from trainer.train import TrainConfig
+    from pact.pipeline.evaluate import EvalOptions, run_eval
+    from pact.pipeline.plot import plot_store
+    from pact.pipeline.precompute import PrecomputeOptions, run_precompute
+    from pact.pipeline.tokens import TokensOptions, run_tokens
+    from pact.pipeline.training import run_train
+    from pact.store.sql import query
+    from pact.trainer.train import TrainConfig
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -179,7 +179,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ec
 
 def format_results(results: dict[str, Any]) -> str:
     """The results table and the SQL answers as text."""
-    from pipeline.commands.sql import format_table
+    from pact.pipeline.commands.sql import format_table
 
     lines = [f"{'model':<16} {'refusal':>8} {'over-refusal':>13} {'task acc':>9}"]
     for name, metrics in results["models"].items():

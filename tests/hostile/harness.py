@@ -1,5 +1,5 @@
 """Helpers for the hostile-input and security tests: run `pact` (in this process through
-`pipeline.cli.main`, or as `python -m pipeline` subprocesses), check the one-line error
+`pact.pipeline.cli.main`, or as `python -m pact` subprocesses), check the one-line error
 contract, and snapshot directories to prove nothing changed."""
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ Snapshot = dict[str, tuple]
 def call_pact(*args: str | os.PathLike) -> subprocess.CompletedProcess:
     """`pact ARGS` through `pipeline.cli.main()` in this process, stdout/stderr captured.
 
-    This is the code `python -m pipeline` runs; an exception escaping main() is printed as the
+    This is the code `python -m pact` runs; an exception escaping main() is printed as the
     interpreter would (a traceback) with exit code 1. Much faster than a subprocess per case.
     """
-    from pipeline.cli import main
+    from pact.pipeline.cli import main
 
     argv = ["pact", *map(str, args)]
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -52,12 +52,12 @@ def call_pact(*args: str | os.PathLike) -> subprocess.CompletedProcess:
 def run_pact_many(
     commands: Sequence[Sequence[str]], *, cwd: str | os.PathLike | None = None, timeout: int = 120
 ) -> list[subprocess.CompletedProcess]:
-    """Run `python -m pipeline ARGS` for every ARGS in `commands`, a few at a time; results in order."""
+    """Run `python -m pact ARGS` for every ARGS in `commands`, a few at a time; results in order."""
     workers = max(2, min(4, 2 * (os.cpu_count() or 1)))
 
     def run(args: Sequence[str]) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "pipeline", *map(str, args)],
+            [sys.executable, "-m", "pact", *map(str, args)],
             cwd=cwd or ROOT,
             capture_output=True,
             text=True,

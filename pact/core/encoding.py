@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from store.errors import PactError
+from pact.core.errors import PactError
 
 if TYPE_CHECKING:  # the type only: encoding (and so the trainer) does not load data ingestion
-    from pipeline.data import Example
+    from pact.core.data import Example
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("response_tail",)

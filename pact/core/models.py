@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from store.errors import PactError
+from pact.core.errors import PactError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -125,7 +125,7 @@ def _cached_file_sha256(path: Path) -> str:
         return cache[key]
     cache[key] = file_sha256(path)
     try:
-        from store.atomic import atomic_write_bytes
+        from pact.core.atomic import atomic_write_bytes
 
         atomic_write_bytes(cache_file, json.dumps(cache).encode())
     except OSError:

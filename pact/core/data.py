@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import PactError
+from pact.core.errors import PactError
 
 FORMATS = ("alpaca", "chat", "prompt_completion")
 ROLES = ("system", "user", "assistant")
