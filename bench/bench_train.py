@@ -4,7 +4,7 @@ computed online, for full fine-tuning and for LoRA: peak memory and median step 
 One model (a Llama config from `LlamaConfig`: ~45M parameters with a 32k vocabulary on CPU,
 ~1B on a GPU), the same data, the same batches for every variant. The store's targets are
 real: `pact precompute` (`pact.pipeline.precompute.run_precompute`) runs the same model over the
-data first. Every measure drives the trainer's own pieces (`pact.pipeline.training.prepare_inputs`,
+data first. Every measure drives the trainer's own pieces (`pact.trainer.inputs.prepare_inputs`,
 `load_student`, `batch_loss`, `pact.trainer.batches.cached_batch`,
 `pact.trainer.reference.OnlineReference`) through whole optimizer steps.
 
@@ -167,15 +167,10 @@ class TrainerSteps:
 
         from pact.core import models
         from pact.core.encoding import assistant_header_ids
-        from pact.pipeline.training import prepare_inputs
+        from pact.trainer.config import TrainConfig
+        from pact.trainer.inputs import prepare_inputs
         from pact.trainer.reference import OnlineReference
-        from pact.trainer.train import (
-            TrainConfig,
-            _autocast_factory,
-            _compute_dtype,
-            check_config,
-            load_student,
-        )
+        from pact.trainer.train import _autocast_factory, _compute_dtype, load_student
 
         transformers_logging.disable_progress_bar()
         os.environ["PACT_CACHE_DIR"] = spec["cache_dir"]
@@ -184,10 +179,9 @@ class TrainerSteps:
             reference=reference, finetune=spec["finetune"], batch_size=spec["batch_size"], device=spec["device"],
             seed=spec["seed"], save_every=0,
         )  # fmt: skip
-        check_config(config)
         self.device = device = models.resolve_device(config.device)
         self.inputs = inputs = prepare_inputs(config)
-        self.model = model = load_student(config, device, models.load_model)
+        self.model = model = load_student(config, device)
         self.autocast = _autocast_factory(device)
         self.safety_ids = self.weights = self.online = None
         if inputs.safety is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pact.pipeline.demo.run import DemoSettings, asset_paths
 from pact.pipeline.evaluate import EvalOptions, run_eval
-from pact.pipeline.training import run_train
-from pact.trainer.train import TrainConfig
+from pact.trainer.config import TrainConfig
+from pact.trainer.train import train
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 run = Path(work) / f"{method}-{seed}"
-                run_train(
+                train(
                     TrainConfig(
                         model=str(paths["aligned"]), data=str(paths["finetune"]), out=str(run), store=args.store,
                         method=method, kl_weight=settings.kl_weight if method == "pact" else 1.0, finetune="full",

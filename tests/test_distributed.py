@@ -41,13 +41,13 @@ from pact.pipeline.precompute import (
     shard_of,
     torchrun_defaults,
 )
-from pact.pipeline.training import run_train
 from pact.store.manifest import Store
 from pact.store.sql import query
 from pact.store.targets import TargetReader
 from pact.trainer import checkpoint
 from pact.trainer.batches import epoch_batches, rank_share
-from pact.trainer.train import TrainConfig, TrainResult
+from pact.trainer.config import TrainConfig
+from pact.trainer.train import TrainResult, train
 
 pytestmark = pytest.mark.slow
 LAUNCH_TIMEOUT_S = 300
@@ -169,8 +169,8 @@ SCENARIOS = textwrap.dedent(
     from pact.pipeline.cli import cli
     from pact.core.errors import PactError
     from pact.core import distributed
-    from pact.pipeline.training import run_train
-    from pact.trainer.train import TrainConfig
+    from pact.trainer.train import train
+    from pact.trainer.config import TrainConfig
 
     spec = json.loads(open(sys.argv[1]).read())
     train_module = importlib.import_module("pact.trainer.train")
@@ -187,12 +187,12 @@ SCENARIOS = textwrap.dedent(
     with distributed.process_group("cpu") as ranks:
         cli.main(args=spec["cli"], standalone_mode=False)
         for values in spec["configs"]:
-            run_train(TrainConfig(**values))
+            train(TrainConfig(**values))
         for name in ("changed", "nan"):
             if name == "nan":
                 train_module.batch_loss = poisoned_loss
             try:
-                run_train(TrainConfig(**spec[name]))
+                train(TrainConfig(**spec[name]))
             except PactError as exc:
                 open(spec["stopped"].format(name=name, rank=ranks.rank), "w").write(str(exc))
     """
@@ -220,8 +220,8 @@ def runs(world: World, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PACT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-        single_full = run_train(config_for(world, root / "single-full"))
-        single_lora = run_train(config_for(world, root / "single-lora", finetune="lora", lora_dropout=0.0))
+        single_full = train(config_for(world, root / "single-full"))
+        single_lora = train(config_for(world, root / "single-lora", finetune="lora", lora_dropout=0.0))
     resumable_copy(single_full.run_dir, root / "fsdp-resumed", step=2)
     rows = data_rows()[:9]
     rows[1] = dict(rows[1], completion="A different answer, so another token hash.")
@@ -345,8 +345,8 @@ def test_resume_on_one_process_from_a_two_rank_checkpoint(
         r"--resume: step-2 was trained with 2 rank\(s\) x --batch-size 1 examples per micro-batch, "
         r"this run has 1 x 1; keep the global micro-batch: pass --batch-size 2"
     )):  # fmt: skip
-        run_train(config_for(world, copy, batch_size=1, resume=True))
-    resumed = run_train(config_for(world, copy, resume=True))
+        train(config_for(world, copy, batch_size=1, resume=True))
+    resumed = train(config_for(world, copy, resume=True))
     assert resumed.steps == 4
     assert_close_weights(weights_of(copy), weights_of(runs.single_full.run_dir), atol=FP_TOLERANCE)
     assert_same_curves(resumed.metrics, runs.single_full.metrics)
@@ -386,10 +386,10 @@ class _RecordingReader(TargetReader):
 def test_targets_memory_budget_below_the_cache_trains_the_same(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pact.pipeline.training.TargetReader", _RecordingReader)  # prepare_inputs reads the targets
+    monkeypatch.setattr("pact.trainer.inputs.TargetReader", _RecordingReader)  # prepare_inputs reads the targets
     _RecordingReader.instances = []
-    roomy = run_train(config_for(world, tmp_path / "roomy", finetune="lora", save_every=0))
-    tight = run_train(config_for(world, tmp_path / "tight", finetune="lora", save_every=0, targets_memory_mb=1e-4))
+    roomy = train(config_for(world, tmp_path / "roomy", finetune="lora", save_every=0))
+    tight = train(config_for(world, tmp_path / "tight", finetune="lora", save_every=0, targets_memory_mb=1e-4))
     unlimited, bounded = _RecordingReader.instances
     whole_cache = unlimited.peak_bytes  # every row group the run read, never evicted
     budget = int(1e-4 * 2**20)
@@ -414,7 +414,7 @@ def test_targets_memory_budget_below_the_cache_trains_the_same(
 )
 def test_distributed_options_refused(world: World, tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(PactError, match=message):
-        run_train(config_for(world, tmp_path / "run", **overrides))
+        train(config_for(world, tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
 
 
@@ -450,7 +450,7 @@ def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
         captured["config"] = config
         return TrainResult(Path(config.out), "r", 0, [], None, None)
 
-    monkeypatch.setattr(command_module, "run_train", fake_train)
+    monkeypatch.setattr(command_module, "train", fake_train)
     args = ["--model", "M", "--data", "D", "--out", "RUN", "--finetune", "full", "--targets-memory-mb", "64", "--fsdp"]
     result = CliRunner().invoke(command_module.train_command, args)
     assert result.exit_code == 0, result.output
@@ -656,8 +656,8 @@ def slurm_on_this_machine(bin_dir: Path) -> Path:
         "srun": SRUN,
         "scontrol": SCONTROL,
         "torchrun": f'#!/bin/bash\nexec "{sys.executable}" -m torch.distributed.run "$@"\n',
-        "pact": f'#!/bin/bash\nexec "{sys.executable}" "{bin_dir / "pact.py"}" "$@"\n',
-        "pact.py": PACT_REPORTING_THREADS,
+        "pact": f'#!/bin/bash\nexec "{sys.executable}" "{bin_dir / "pact_threads.py"}" "$@"\n',
+        "pact_threads.py": PACT_REPORTING_THREADS,
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -691,7 +691,7 @@ def test_slurm_example_precomputes_and_trains_on_two_nodes(world: World, tmp_pat
 
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (record["world_size"], record["options"]["batch_size"]) == (2, 4)
-    one = run_train(TrainConfig(
+    one = train(TrainConfig(
         model=str(world.model_dir), data=str(world.data), store=str(store), out=str(tmp_path / "one"),
         finetune="full", batch_size=8, device="cpu",
     ))  # fmt: skip

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pact.core.errors import PactError
 from pact.trainer.loss import (
     PactConfig,
     PactTerms,
@@ -47,26 +48,32 @@ def test_config_defaults() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"top_p": 0.0}, r"PactConfig\.top_p"),
-        ({"top_p": 1.5}, r"PactConfig\.top_p"),
-        ({"gate_temperature": 0.0}, r"PactConfig\.gate_temperature"),
-        ({"temperature": -1.0}, r"PactConfig\.temperature"),
-        ({"prefix_n": -1}, r"PactConfig\.prefix_n"),
-        ({"prefix_n": 2.5}, r"PactConfig\.prefix_n"),
-        ({"boost": -0.1}, r"PactConfig\.boost"),
-        ({"alpha": float("nan")}, r"PactConfig\.alpha must be finite"),
-        ({"decay_tau": float("inf")}, r"PactConfig\.decay_tau must be finite"),
-        ({"bias": "0"}, r"PactConfig\.bias must be a number"),
+        ({"top_p": 0.0}, r"^PactConfig\.top_p \(--top-p\) must be a finite number > 0 and <= 1, got 0\.0$"),
+        ({"top_p": 1.5}, r"^PactConfig\.top_p \(--top-p\) must be .* got 1\.5$"),
+        ({"gate_temperature": 0.0}, r"^PactConfig\.gate_temperature \(--gate-temperature\) must be a finite number > 0"),
+        ({"temperature": -1.0}, r"^PactConfig\.temperature \(--kl-temperature\) must be a finite number > 0"),
+        ({"prefix_n": -1}, r"^PactConfig\.prefix_n \(--gate-prefix\) must be an integer >= 0, got -1$"),
+        ({"prefix_n": 2.5}, r"^PactConfig\.prefix_n \(--gate-prefix\) must be an integer >= 0, got 2\.5$"),
+        ({"boost": -0.1}, r"^PactConfig\.boost \(--gate-boost\) must be a finite number >= 0"),
+        ({"alpha": float("nan")}, r"^PactConfig\.alpha \(--gate-alpha\) must be a finite number, got nan$"),
+        ({"decay_tau": float("inf")}, r"^PactConfig\.decay_tau \(--gate-decay\) must be a finite number, got inf$"),
+        ({"bias": "0"}, r"^PactConfig\.bias \(--gate-bias\) must be a finite number, got '0'$"),
+        ({"bias": True}, r"^PactConfig\.bias \(--gate-bias\) must be a finite number, got True$"),
     ],
 )
 def test_config_validation(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(PactError, match=match):
         PactConfig(**kwargs)
 
 
-def test_config_edge_values_allowed() -> None:
-    PactConfig(top_p=1.0, prefix_n=0, boost=0.0, decay_tau=0.0)
-    PactConfig(decay_tau=-1.0)  # <= 0 means a hard cut
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"top_p": 1.0}, {"prefix_n": 0}, {"boost": 0.0}, {"decay_tau": 0.0}, {"decay_tau": -1.0}, {"bias": -3}],
+)
+def test_config_edge_values_allowed(kwargs: dict) -> None:
+    """Edge values the DESIGN allows (decay_tau <= 0 is a hard cut) build a config that keeps them."""
+    config = PactConfig(**kwargs)
+    assert all(getattr(config, name) == value for name, value in kwargs.items())
 
 
 # ----------------------------------------------------------------------------- top_p_count

@@ -41,11 +41,11 @@ from safetensors.torch import load_file
 from tiny import make_model, make_tokenizer
 from train_fixtures import make_safety, write_jsonl
 
-from pact.pipeline.training import run_train
 from pact.store import Store, TargetReader
 from pact.trainer import checkpoint
 from pact.trainer.batches import epoch_batches
-from pact.trainer.train import TrainConfig
+from pact.trainer.config import TrainConfig
+from pact.trainer.train import train
 
 SEED = 20260307
 KILL_TRIALS = 10
@@ -327,7 +327,7 @@ def test_enospc_in_a_checkpoint_write_keeps_the_last_checkpoint(world, server, w
     run = world["root"] / "enospc"
     fault = Fault("pact.trainer.checkpoint:save_file", nth=3, when="after", action="enospc-half")
     with faults_in_process(fault), pytest.raises(OSError) as failure:
-        run_train(train_config(world, run))
+        train(train_config(world, run))
     assert failure.value.errno == errno.ENOSPC and "No space left on device" in str(failure.value)
     assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-1", "step-2"]
     assert stray_temporaries(run) == []  # the half-written .tmp-step-3 was removed

@@ -28,7 +28,6 @@ from pact.core import models
 from pact.core.data import load_examples
 from pact.core.encoding import EncodingOptions, assistant_header_ids, encode_example
 from pact.core.errors import PactError
-from pact.pipeline.training import run_train
 from pact.store.manifest import Store
 from pact.store.sql import query
 from pact.store.targets import TargetReader
@@ -41,6 +40,7 @@ from pact.trainer.batches import (
     response_token_logprobs,
     step_positions,
 )
+from pact.trainer.config import TrainConfig
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_betas,
@@ -48,7 +48,7 @@ from pact.trainer.loss import (
     token_logprobs,
 )
 from pact.trainer.reference import OnlineReference
-from pact.trainer.train import TrainConfig, TrainResult, batch_loss, load_student
+from pact.trainer.train import TrainResult, batch_loss, load_student, train
 
 # trainer/__init__ exports the function `train`, which shadows the submodule's attribute name.
 train_module = importlib.import_module("pact.trainer.train")
@@ -187,8 +187,8 @@ def test_safety_subset_and_token_logprobs_follow_the_position_convention(world: 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_cached_and_online_training_agree(world: World, tmp_path: Path, finetune: str) -> None:
-    cached = run_train(make_config(world, tmp_path / "cached", finetune=finetune))
-    online = run_train(make_config(world, tmp_path / "online", finetune=finetune, reference="online"))
+    cached = train(make_config(world, tmp_path / "cached", finetune=finetune))
+    online = train(make_config(world, tmp_path / "online", finetune=finetune, reference="online"))
     assert cached.steps == online.steps == 3
     for a, b in zip(cached.metrics, online.metrics, strict=True):
         for key in ("loss", "ce", "kl", "gate_mean", "grad_norm"):
@@ -206,7 +206,7 @@ def test_cached_and_online_training_agree(world: World, tmp_path: Path, finetune
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_cached_and_online_gradients_agree(world: World, tmp_path: Path, finetune: str) -> None:
     torch.manual_seed(0)
-    model = load_student(make_config(world, tmp_path / "run", finetune=finetune), "cpu", models.load_model)
+    model = load_student(make_config(world, tmp_path / "run", finetune=finetune), "cpu")
     if finetune == "lora":
         reference_model = model  # adapters disabled for the reference pass
         with torch.no_grad():  # make the student differ from the reference
@@ -289,7 +289,7 @@ def test_models_constructed(
 
     monkeypatch.setattr(models, "load_model", counting_load)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting_from)
-    run_train(make_config(world, tmp_path / "run", finetune=finetune, reference=reference, max_steps=1))
+    train(make_config(world, tmp_path / "run", finetune=finetune, reference=reference, max_steps=1))
     assert calls == {"load_model": loads, "from_pretrained": loads}
 
 
@@ -303,10 +303,10 @@ def test_resume_after_max_steps_matches_uninterrupted(
     options = dict(
         finetune=finetune, schedule="constant", save_every=2
     )  # constant: the lr horizon is irrelevant
-    whole = run_train(make_config(world, tmp_path / "whole", max_steps=4, **options))
-    first = run_train(make_config(world, tmp_path / "split", max_steps=2, **options))
+    whole = train(make_config(world, tmp_path / "whole", max_steps=4, **options))
+    first = train(make_config(world, tmp_path / "split", max_steps=2, **options))
     assert first.steps == 2
-    resumed = run_train(make_config(world, tmp_path / "split", max_steps=4, resume=True, **options))
+    resumed = train(make_config(world, tmp_path / "split", max_steps=4, resume=True, **options))
     assert resumed.steps == 4
     assert_same_weights(final_weights(whole), final_weights(resumed))
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics]
@@ -326,7 +326,7 @@ def test_resume_after_a_crash_continues_exactly(
         schedule="cosine",
         save_every=2,
     )
-    whole = run_train(make_config(world, tmp_path / "whole", **options))
+    whole = train(make_config(world, tmp_path / "whole", **options))
     assert whole.steps == 6  # 5 batches per epoch -> 3 optimizer steps per epoch
     kept = [p.name for p in checkpoint.complete_checkpoints(whole.run_dir)]
     assert kept == ["step-4", "step-6"]
@@ -343,11 +343,11 @@ def test_resume_after_a_crash_continues_exactly(
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        run_train(make_config(world, tmp_path / "crashed", **options))
+        train(make_config(world, tmp_path / "crashed", **options))
     monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     state = json.loads((tmp_path / "crashed/checkpoints/step-4/trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_index"]) == (4, 1, 2)
-    resumed = run_train(make_config(world, tmp_path / "crashed", resume=True, **options))
+    resumed = train(make_config(world, tmp_path / "crashed", resume=True, **options))
     assert_same_weights(final_weights(whole), final_weights(resumed))
     for a, b in zip(whole.metrics, resumed.metrics, strict=True):
         assert {k: a[k] for k in ("step", "epoch", "loss", "lr", "grad_norm")} == {
@@ -358,19 +358,19 @@ def test_resume_after_a_crash_continues_exactly(
 def test_resume_refuses_changed_options_and_missing_checkpoints(
     world: World, tmp_path: Path
 ) -> None:
-    run_train(make_config(world, tmp_path / "run", max_steps=2, save_every=2))
+    train(make_config(world, tmp_path / "run", max_steps=2, save_every=2))
     with pytest.raises(
         PactError, match=r"--resume: option lr is 0\.001 but step-2 was trained with 0\.01"
     ):
-        run_train(make_config(world, tmp_path / "run", max_steps=3, save_every=2, lr=1e-3, resume=True))
+        train(make_config(world, tmp_path / "run", max_steps=3, save_every=2, lr=1e-3, resume=True))
     with pytest.raises(
         PactError, match=r"already holds a training run \(config\.json\); pass --resume"
     ):
-        run_train(make_config(world, tmp_path / "run", max_steps=3))
+        train(make_config(world, tmp_path / "run", max_steps=3))
     with pytest.raises(
         PactError, match=r"--resume: .*other has no complete checkpoint to resume from"
     ):
-        run_train(make_config(world, tmp_path / "other", resume=True))
+        train(make_config(world, tmp_path / "other", resume=True))
 
 
 # ----------------------------------------------------------------------------- loss values
@@ -385,7 +385,7 @@ def first_batch(
 
 
 def test_sft_loss_is_plain_cross_entropy(world: World, tmp_path: Path) -> None:
-    result = run_train(
+    result = train(
         make_config(world, tmp_path / "sft", method="sft", store=None, finetune="full", max_steps=1)
     )
     _, batch = first_batch(world, 4, 1024)  # no store: default max_length 1024
@@ -401,7 +401,7 @@ def test_sft_loss_is_plain_cross_entropy(world: World, tmp_path: Path) -> None:
 
 
 def test_constrained_sft_at_step0_is_its_closed_form(world: World, tmp_path: Path) -> None:
-    result = run_train(make_config(world, tmp_path / "csft", method="constrained-sft", max_steps=1))
+    result = train(make_config(world, tmp_path / "csft", method="constrained-sft", max_steps=1))
     _, batch = first_batch(world, 4, MAX_LENGTH)
     betas = constrained_sft_betas(batch.num_steps)
     per_step = (2.0 / betas) * math.log(2.0)  # -(2/β)·log σ(0)
@@ -413,7 +413,7 @@ def test_constrained_sft_at_step0_is_its_closed_form(world: World, tmp_path: Pat
 
 
 def test_grad_accum_divides_by_micro_steps(world: World, tmp_path: Path) -> None:
-    result = run_train(
+    result = train(
         make_config(
             world,
             tmp_path / "acc",
@@ -470,16 +470,16 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
         PactError,
         match=r"the loss is nan at step 3 \(epoch 0, batch 2.*last checkpoint .*step-2 is intact",
     ):
-        run_train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
+        train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
     monkeypatch.setattr(train_module, "cross_entropy_and_subset", original)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-1", "step-2"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert _tree_digest(out / "checkpoints" / "step-2") == snapshot
     assert pq.read_table(out / "metrics.parquet").column("step").to_pylist() == [1, 2]
-    resumed = run_train(
+    resumed = train(
         make_config(world, out, max_steps=5, save_every=1, finetune="full", resume=True)
     )
-    whole = run_train(
+    whole = train(
         make_config(world, tmp_path / "whole", max_steps=5, save_every=1, finetune="full")
     )
     assert_same_weights(final_weights(whole), final_weights(resumed))
@@ -493,7 +493,7 @@ def test_nan_grad_norm_stops(world: World, tmp_path: Path, monkeypatch: pytest.M
         PactError,
         match=r"the gradient norm is inf at step 1 \(epoch 0\); training stopped, no checkpoint was written",
     ):
-        run_train(make_config(world, tmp_path / "inf", max_steps=2, save_every=1))
+        train(make_config(world, tmp_path / "inf", max_steps=2, save_every=1))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -504,7 +504,7 @@ def test_outputs_load_and_metrics_are_queryable(world: World, tmp_path: Path) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = run_train(
+    result = train(
         make_config(world, tmp_path / "lora-run", merge=True, save_every=2, run_id="lora-run")
     )
     assert result.adapter_dir == tmp_path / "lora-run" / "adapter"
@@ -548,7 +548,7 @@ def test_outputs_load_and_metrics_are_queryable(world: World, tmp_path: Path) ->
 def test_full_finetune_output_loads(world: World, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    result = run_train(make_config(world, tmp_path / "full", finetune="full", max_steps=1))
+    result = train(make_config(world, tmp_path / "full", finetune="full", max_steps=1))
     assert result.adapter_dir is None
     model = AutoModelForCausalLM.from_pretrained(str(result.model_dir))
     trained = load_file(str(result.model_dir / "model.safetensors"))
@@ -606,20 +606,21 @@ def test_full_finetune_output_loads(world: World, tmp_path: Path) -> None:
 )
 def test_nonsense_options(world: World, tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(PactError, match=message):
-        run_train(make_config(world, tmp_path / "run", **overrides))
+        train(make_config(world, tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
 
 
 def test_invalid_pact_option_is_one_line() -> None:
     with pytest.raises(
-        PactError, match=r"^invalid PACT option: PactConfig\.temperature must be > 0, got 0\.0$"
+        PactError,
+        match=r"^PactConfig\.temperature \(--kl-temperature\) must be a finite number > 0, got 0\.0$",
     ):
-        train_module.pact_config(temperature=0.0)
+        PactConfig(temperature=0.0)
 
 
 def _expect_refusal(world: World, out: Path, message: str, **overrides: object) -> None:
     with pytest.raises(PactError, match=message) as raised:
-        run_train(make_config(world, out, **overrides))
+        train(make_config(world, out, **overrides))
     assert "\n" not in str(raised.value)
     assert not out.exists()  # refused before any step or file
 
@@ -732,19 +733,19 @@ def test_examples_encoded_differently(world: World, tmp_path: Path) -> None:
 
 def test_unknown_lora_targets(world: World, tmp_path: Path) -> None:
     with pytest.raises(PactError, match=r"^--lora-targets w_q,w_v: .*not found"):
-        run_train(make_config(world, tmp_path / "run", lora_targets=("w_q", "w_v")))
+        train(make_config(world, tmp_path / "run", lora_targets=("w_q", "w_v")))
 
 
 def test_online_sft_variants_need_no_targets(world: World, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     make_safety(store, world.safety.vocab_size)  # a safety set, no targets
-    result = run_train(
+    result = train(
         make_config(
             world, tmp_path / "online", store=str(store.root), reference="online", max_steps=1
         )
     )
     assert result.metrics[0]["kl"] > 0
-    result = run_train(
+    result = train(
         make_config(
             world,
             tmp_path / "csft",
@@ -773,7 +774,7 @@ def test_cli_parses_every_option(
         captured["config"] = config
         return TrainResult(Path(config.out), "r", 0, [], None, None)
 
-    monkeypatch.setattr(command_module, "run_train", fake_train)
+    monkeypatch.setattr(command_module, "train", fake_train)
     args = [
         "--model", "M", "--data", "D.jsonl", "--store", "S", "--out", "RUN",
         "--method", "constrained-sft", "--reference", "online", "--format", "chat", "--max-length", "128",
@@ -840,10 +841,10 @@ def test_cli_trains_and_reports(world: World, tmp_path: Path) -> None:
 def test_gradient_checkpointing_changes_nothing_but_memory(
     world: World, tmp_path: Path, finetune: str
 ) -> None:
-    plain = run_train(make_config(world, tmp_path / "plain", finetune=finetune, max_steps=2))
+    plain = train(make_config(world, tmp_path / "plain", finetune=finetune, max_steps=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        checkpointed = run_train(
+        checkpointed = train(
             make_config(
                 world, tmp_path / "gc", finetune=finetune, max_steps=2, gradient_checkpointing=True
             )
@@ -869,7 +870,7 @@ def test_probe_every_records_drift_and_caches_the_reference_probe(tmp_path: Path
 
     built, probe = _probe_world(tmp_path)
     config = make_config(built, tmp_path / "run", finetune="full", max_steps=4, lr=5e-2, probe=str(probe), probe_every=2)
-    result = run_train(config)
+    result = train(config)
     assert [(r["step"], r["probe_kl"] is not None) for r in result.metrics] == [(1, False), (2, True), (3, False), (4, True)]
     probed = [r for r in result.metrics if r["probe_kl"] is not None]
     assert all(r["probe_kl"] > 0 and 0 < r["probe_mass"] <= 1 for r in probed)
@@ -881,13 +882,13 @@ def test_probe_every_records_drift_and_caches_the_reference_probe(tmp_path: Path
 def test_probe_needs_its_partner_option_and_a_reference(tmp_path: Path) -> None:
     built, probe = _probe_world(tmp_path)
     with pytest.raises(PactError, match=r"--probe-every needs --probe FILE"):
-        run_train(make_config(built, tmp_path / "a", probe_every=1))
+        train(make_config(built, tmp_path / "a", probe_every=1))
     with pytest.raises(PactError, match=r"--probe FILE needs --probe-every N"):
-        run_train(make_config(built, tmp_path / "b", probe=str(probe)))
+        train(make_config(built, tmp_path / "b", probe=str(probe)))
     other = copy_model(built.model_dir, tmp_path / "other")
     make_model(other, len(make_tokenizer(tmp_path / "tok")), seed=99, hidden=32, layers=2)
     with pytest.raises(PactError, match=r"the store has no reference probe for probe\.jsonl: run `pact eval"):
-        run_train(make_config(built, tmp_path / "c", model=str(other), method="sft", probe=str(probe), probe_every=1))
+        train(make_config(built, tmp_path / "c", model=str(other), method="sft", probe=str(probe), probe_every=1))
 
 
 def test_resume_prunes_checkpoints_a_killed_run_left_unpruned(world: World, tmp_path: Path) -> None:
@@ -896,11 +897,11 @@ def test_resume_prunes_checkpoints_a_killed_run_left_unpruned(world: World, tmp_
     import shutil
 
     out = tmp_path / "run"
-    run_train(make_config(world, out, finetune="full", max_steps=3, save_every=1))
+    train(make_config(world, out, finetune="full", max_steps=3, save_every=1))
     kept = [p.name for p in checkpoint.complete_checkpoints(out)]
     assert kept == ["step-2", "step-3"]
     shutil.copytree(out / "checkpoints" / "step-2", out / "checkpoints" / "step-1")
-    run_train(make_config(world, out, finetune="full", max_steps=3, save_every=1, resume=True))
+    train(make_config(world, out, finetune="full", max_steps=3, save_every=1, resume=True))
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == kept
 
 
@@ -912,7 +913,7 @@ def test_examples_past_the_context_window_are_warned_about(
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = 8
     (model / "config.json").write_text(json.dumps(config))
-    run_train(make_config(world, tmp_path / "run", model=str(model), method="sft", max_steps=1))
+    train(make_config(world, tmp_path / "run", model=str(model), method="sft", max_steps=1))
     assert "examples are longer than the model's context window (8 tokens, config.json)" in capsys.readouterr().err
-    run_train(make_config(world, tmp_path / "run-plain", method="sft", max_steps=1))
+    train(make_config(world, tmp_path / "run-plain", method="sft", max_steps=1))
     assert "context window" not in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Stage 2: the PACT loss (pure functions) and the training loop behind `pact train`."""
 
+from pact.trainer.config import TrainConfig
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
@@ -8,7 +9,7 @@ from pact.trainer.loss import (
     pact_kl_terms,
     response_cross_entropy,
 )
-from pact.trainer.train import TrainConfig, TrainResult, train
+from pact.trainer.train import TrainResult, train
 
 __all__ = [
     "PactConfig",

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pact.core.config import check_int, check_number, flag, setting
+
 __all__ = [
     "PactConfig",
     "PactTerms",
@@ -38,46 +40,29 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class PactConfig:
-    """Hyper-parameters of the PACT gate and KL (defaults are the paper's)."""
+    """Hyper-parameters of the PACT gate and KL (defaults are the paper's; docs/loss.md)."""
 
-    top_p: float = 0.9  # gate: top-p mass p
-    alpha: float = 2.0  # gate: sigmoid slope alpha
-    bias: float = 0.0  # gate: b
-    gate_temperature: float = 1.0  # gate: T_g
-    prefix_n: int = 8  # gate: N (steps before the decay starts)
-    decay_tau: float = 8.0  # gate: tau_d; <= 0 means a hard cut (c_t = 0 for t >= N)
-    boost: float = 1.0  # gate: beta
-    temperature: float = 2.0  # KL temperature T
+    top_p: float = setting(0.9, help="Gate: top-p mass p.", flag="--top-p")
+    alpha: float = setting(2.0, help="Gate: sigmoid slope α.", flag="--gate-alpha")
+    bias: float = setting(0.0, help="Gate: bias b.", flag="--gate-bias")
+    gate_temperature: float = setting(1.0, help="Gate: softmax temperature T_g.", flag="--gate-temperature")
+    prefix_n: int = setting(8, help="Gate: steps N before the decay.", flag="--gate-prefix")
+    decay_tau: float = setting(8.0, help="Gate: decay τ_d (<= 0: hard cut at N).", flag="--gate-decay")
+    boost: float = setting(1.0, help="Gate: boost β.", flag="--gate-boost")
+    temperature: float = setting(2.0, help="KL temperature T.", flag="--kl-temperature")
 
     def __post_init__(self) -> None:
-        for name in (
-            "top_p",
-            "alpha",
-            "bias",
-            "gate_temperature",
-            "decay_tau",
-            "boost",
-            "temperature",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"PactConfig.{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"PactConfig.{name} must be finite, got {value!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PactConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if self.gate_temperature <= 0:
-            raise ValueError(
-                f"PactConfig.gate_temperature must be > 0, got {self.gate_temperature!r}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"PactConfig.temperature must be > 0, got {self.temperature!r}")
-        if isinstance(self.prefix_n, bool) or not isinstance(self.prefix_n, int):
-            raise ValueError(f"PactConfig.prefix_n must be an int, got {self.prefix_n!r}")
-        if self.prefix_n < 0:
-            raise ValueError(f"PactConfig.prefix_n must be >= 0, got {self.prefix_n!r}")
-        if self.boost < 0:
-            raise ValueError(f"PactConfig.boost must be >= 0, got {self.boost!r}")
+        def name(field: str) -> str:
+            return f"PactConfig.{field} ({flag(PactConfig, field)})"
+
+        check_number(self.top_p, name("top_p"), minimum=0.0, inclusive=False, at_most=1.0)
+        check_number(self.alpha, name("alpha"))
+        check_number(self.bias, name("bias"))
+        check_number(self.gate_temperature, name("gate_temperature"), minimum=0.0, inclusive=False)
+        check_int(self.prefix_n, name("prefix_n"), 0)
+        check_number(self.decay_tau, name("decay_tau"))
+        check_number(self.boost, name("boost"), minimum=0.0)
+        check_number(self.temperature, name("temperature"), minimum=0.0, inclusive=False)
 
 
 @dataclass

@@ -16,11 +16,10 @@ PACT loss per micro-batch (DESIGN "Stage 2"): CE(response) + λ · token mean of
 Under torchrun (WORLD_SIZE > 1) every rank runs this loop on its share of each global
 micro-batch (`--batch-size` x ranks examples), the model wrapped in DDP or sharded
 with FSDP, each share's loss weighed so that the gradient is the single-process one;
-rank 0 writes (trainer/distributed.py, docs/distributed.md).
+rank 0 writes (pact/core/distributed.py, docs/distributed.md).
 
-The trainer imports nothing of the pipeline but its shared encoding: reading the data,
-loading models and the drift probe come in as arguments of `train()`, which
-`pact.pipeline.training.run_train` (the entry of `pact train`) passes.
+The options are `TrainConfig` (trainer/config.py); the data, the store checks and the
+drift probe are prepared by trainer/inputs.py.
 """
 
 from __future__ import annotations
@@ -31,16 +30,15 @@ import hashlib
 import json
 import math
 import random
-import re
 import resource
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pact.core import distributed
+from pact.core import distributed, models
 from pact.core.atomic import (
     TEMP_PREFIX,
     atomic_write_bytes,
@@ -57,12 +55,10 @@ from pact.core.atomic import (
     remove_stale_temporaries,
 )
 from pact.core.distributed import Ranks
-from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
+from pact.core.encoding import Encoded, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
 from pact.store.manifest import Store
-from pact.store.safety import SafetySet
 from pact.store.tables import METRICS_SCHEMA, write_table
-from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
 from pact.trainer import checkpoint
 from pact.trainer.batches import (
     Batch,
@@ -74,6 +70,12 @@ from pact.trainer.batches import (
     step_positions,
 )
 from pact.trainer.checkpoint import TrainerState
+from pact.trainer.config import (
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    default_run_id,
+)
+from pact.trainer.inputs import RunInputs, prepare_inputs
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
@@ -81,64 +83,6 @@ from pact.trainer.loss import (
     pact_kl_terms,
 )
 from pact.trainer.reference import OnlineReference
-
-METHODS = ("pact", "sft", "constrained-sft")
-REFERENCE_MODES = ("cached", "online")
-FINETUNE_MODES = ("lora", "full")
-SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-DEFAULT_KL_WEIGHT = 1.0
-DEFAULT_MAX_LENGTH = 1024
-# Options that may differ when resuming: they do not change the steps already taken.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
-        "targets_memory_mb", "fsdp",
-    }
-)  # fmt: skip
-# --batch-size may change on resume when the world size changes with it: the global
-# micro-batch (--batch-size x ranks) must stay the same (`_check_resume`).
-
-
-@dataclass
-class TrainConfig:
-    """Every option of `pact train` (CLI flag names in brackets where they differ)."""
-
-    model: str  # local directory of the model to fine-tune (also the reference)
-    data: str  # training data: JSON, JSONL or Parquet
-    out: str  # run directory
-    store: str | None = None  # pact store (targets, safety set); optional for sft
-    method: str = "pact"  # pact | sft | constrained-sft
-    reference: str = "cached"  # cached | online
-    kl_weight: float = DEFAULT_KL_WEIGHT  # λ [--lambda]
-    pact: PactConfig = field(default_factory=PactConfig)  # gate and KL temperature
-    data_format: str | None = None  # [--format] detected from the first row when None
-    max_length: int | None = None  # None: the store's, else 1024
-    finetune: str = "lora"  # lora | full
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    merge: bool = False  # LoRA: also write the merged model to RUN/model
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 4  # examples per micro-batch (per rank under torchrun)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant (after the linear warmup)
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 500  # optimizer steps between checkpoints; 0 = none
-    resume: bool = False
-    device: str = "auto"  # under torchrun, auto / cuda mean cuda:LOCAL_RANK
-    run_id: str | None = None  # name in the store's metrics table; default: RUN's folder name
-    targets_memory_mb: float = DEFAULT_MEMORY_BUDGET_MB  # cache of target row groups read from the store
-    fsdp: bool = False  # under torchrun: shard the model with FSDP instead of DDP (full fine-tuning)
-    probe: str | None = None  # safety set (prompt, refusal) for the drift probe
-    probe_every: int = 0  # optimizer steps between drift probes; 0 = no probe
 
 
 @dataclass
@@ -190,127 +134,7 @@ class StepTotals:
         }
 
 
-# ----------------------------------------------------------------------------- options
-
-
-def _positive_int(value: Any, flag: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PactError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(
-    value: Any, flag: str, *, minimum: float, inclusive: bool = True, below: float | None = None
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = (
-        ok
-        and (value >= minimum if inclusive else value > minimum)
-        and (below is None or value < below)
-    )
-    if not ok:
-        bound = f"{'>=' if inclusive else '>'} {minimum:g}" + (
-            f" and < {below:g}" if below is not None else ""
-        )
-        raise PactError(f"{flag} must be a finite number {bound}, got {value!r}")
-
-
-def check_config(config: TrainConfig) -> None:
-    """One clear PactError for any option, or combination of options, that makes no sense.
-
-    `--format` names a reader of the pipeline: `pact.pipeline.training.run_train` checks it."""
-    for value, choices, flag in (
-        (config.method, METHODS, "--method"),
-        (config.reference, REFERENCE_MODES, "--reference"),
-        (config.finetune, FINETUNE_MODES, "--finetune"),
-        (config.schedule, SCHEDULES, "--schedule"),
-    ):
-        if value not in choices:
-            raise PactError(f"unknown {flag} {value!r}; expected one of {', '.join(choices)}")
-    _number(config.kl_weight, "--lambda", minimum=0.0)
-    if config.method != "pact" and config.kl_weight != DEFAULT_KL_WEIGHT:
-        raise PactError(
-            f"--lambda weighs the PACT KL; it has no effect with --method {config.method}"
-        )
-    if config.method == "sft" and config.reference == "online":
-        raise PactError(
-            "--method sft uses no reference model; --reference online makes no sense with it"
-        )
-    if config.method != "sft" and config.store is None and config.reference == "cached":
-        raise PactError(
-            f"--method {config.method} with --reference cached needs --store (the targets of pact precompute); "
-            "or use --reference online"
-        )
-    if config.method == "pact" and config.store is None:
-        raise PactError("--method pact needs --store for the safety-token set (pact tokens)")
-    if config.merge and config.finetune != "lora":
-        raise PactError("--merge applies to LoRA only; full fine-tuning already writes RUN/model")
-    if config.max_length is not None:
-        _positive_int(config.max_length, "--max-length", 2)
-    _positive_int(config.lora_r, "--lora-r")
-    _number(config.lora_alpha, "--lora-alpha", minimum=0.0, inclusive=False)
-    _number(config.lora_dropout, "--lora-dropout", minimum=0.0, below=1.0)
-    if not config.lora_targets or not all(
-        isinstance(t, str) and t.strip() for t in config.lora_targets
-    ):
-        raise PactError(
-            f"--lora-targets must name at least one module, got {config.lora_targets!r}"
-        )
-    _positive_int(config.epochs, "--epochs")
-    if config.max_steps is not None:
-        _positive_int(config.max_steps, "--max-steps")
-    _positive_int(config.batch_size, "--batch-size")
-    _positive_int(config.grad_accum, "--grad-accum")
-    _number(config.lr, "--lr", minimum=0.0, inclusive=False)
-    _number(config.weight_decay, "--weight-decay", minimum=0.0)
-    _positive_int(config.warmup_steps, "--warmup-steps", 0)
-    _number(config.max_grad_norm, "--max-grad-norm", minimum=0.0)
-    _positive_int(config.save_every, "--save-every", 0)
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
-        raise PactError(f"--seed must be an integer, got {config.seed!r}")
-    if not isinstance(config.pact, PactConfig):
-        raise PactError("TrainConfig.pact must be a trainer.loss.PactConfig")
-    _number(config.targets_memory_mb, "--targets-memory-mb", minimum=0.0, inclusive=False)
-    _positive_int(config.probe_every, "--probe-every", 0)
-    if config.probe_every and config.probe is None:
-        raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
-    if config.probe is not None and not config.probe_every:
-        raise PactError("--probe FILE needs --probe-every N (optimizer steps between probes)")
-    if config.probe is not None and config.store is None:
-        raise PactError("--probe needs --store (the safety tokens and the reference probe live there)")
-    if config.fsdp and config.finetune != "full":
-        raise PactError(
-            "--fsdp supports full fine-tuning only (pact does not save or merge the adapters of "
-            "a sharded LoRA model); LoRA runs under torchrun with DDP, the default"
-        )
-    if config.fsdp and config.reference == "online":
-        raise PactError(
-            "--fsdp needs --reference cached: an online reference would be a second, unsharded "
-            "copy of the model on every rank"
-        )
-
-
-def pact_config(**values: Any) -> PactConfig:
-    """PactConfig from user values; its ValueError becomes a one-line PactError."""
-    try:
-        return PactConfig(**values)
-    except ValueError as exc:
-        raise PactError(f"invalid PACT option: {exc}") from None
-
-
-def default_run_id(out: str | Path) -> str:
-    """The run directory's name, reduced to the characters a table name allows."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(out).resolve().name).lstrip("._-")
-    return name or "run"
-
-
 # ----------------------------------------------------------------------------- model
-
-
-class LoadModel(Protocol):
-    """Loads a causal LM from a local model directory, in eval mode on `device` (the
-    pipeline's `pact.core.models.load_model`: safetensors only, one-line errors)."""
-
-    def __call__(self, path: str, *, dtype: str, device: str) -> Any: ...
 
 
 def _compute_dtype(device: str) -> str:
@@ -340,10 +164,10 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_student(config: TrainConfig, device: str, load_model: LoadModel) -> Any:
-    """The model to fine-tune, loaded with `load_model`: full (all weights trainable) or
+def load_student(config: TrainConfig, device: str) -> Any:
+    """The model to fine-tune, loaded with `models.load_model`: full (all weights trainable) or
     wrapped with LoRA adapters."""
-    model = load_model(config.model, dtype=_weights_dtype(config.finetune, device), device=device)
+    model = models.load_model(config.model, dtype=_weights_dtype(config.finetune, device), device=device)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -566,38 +390,6 @@ def save_outputs(
     return run_dir / "model", run_dir / "adapter"
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-class DriftProbe(Protocol):
-    """--probe-every: how far the model's safety-token confidences on a probe set drift
-    from the reference's, cached in the store (`pact.pipeline.training.StoreDriftProbe`)."""
-
-    def start(self, model: Any, *, fresh: bool) -> None:
-        """Before the first step, `model` as loaded (or restored): make sure the store
-        holds the reference probe. On a `fresh` run of the store's reference model, the
-        model at step 0 IS the reference: its probe may be computed and cached here."""
-
-    def measure(self, model: Any) -> tuple[float, float]:
-        """(mean KL(reference ‖ model), mean safety-token mass) on the probe set."""
-
-
-@dataclass
-class RunInputs:
-    """Everything a run reads before it loads the model, validated: what
-    `pact.pipeline.training.prepare_inputs` hands the trainer."""
-
-    tokenizer: Any
-    encoded: list[Encoded]
-    options: EncodingOptions
-    model_fingerprint: str
-    store: Store | None
-    reference_entry: dict[str, Any] | None  # the store's record of how its targets were made
-    safety: SafetySet | None  # pact only
-    reader: TargetReader | None  # cached targets (pact / constrained-sft with --reference cached)
-    probe: DriftProbe | None = None  # --probe-every
-
-
 def _run_record(
     config: TrainConfig,
     inputs: RunInputs,
@@ -634,31 +426,19 @@ def _run_record(
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(
-    config: TrainConfig,
-    *,
-    prepare_inputs: Callable[[TrainConfig, Ranks], RunInputs],
-    load_model: LoadModel,
-    resolve_device: Callable[[str], str],
-) -> TrainResult:
+def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.data`; see the module docstring and docs/training.md.
 
-    What the pipeline side provides comes in as arguments (`pact.pipeline.training.run_train`
-    passes them; trainer/ imports nothing of the pipeline but its shared encoding):
-    - `prepare_inputs(config, ranks)`: the data read, encoded and checked against the
-      store (and the drift probe), called once the options, the process group and the
-      run directory have passed their checks, before any model is loaded;
-    - `load_model(path, dtype=, device=)`: the model to fine-tune and, for an online
-      reference in full fine-tuning, the frozen reference;
-    - `resolve_device(device)`: 'auto' as cuda or cpu, a CUDA device checked.
+    Phases: the options (checked when `config` was built), the process group and the run
+    directory are checked -> `prepare_inputs` reads, encodes and checks the data against
+    the store (trainer/inputs.py), before any model is loaded -> `_train`: load, loop, save.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls it: the process group is
     initialised here (gloo on CPU, nccl on CUDA) unless the caller did, the model is
     wrapped in DDP (or sharded with FSDP), and rank 0 writes; see docs/distributed.md.
     """
-    check_config(config)
     with distributed.process_group(config.device) as ranks:
-        device = resolve_device(distributed.rank_device(config.device, ranks))
+        device = models.resolve_device(distributed.rank_device(config.device, ranks))
         run_dir = Path(config.out)
         with distributed.agreeing():
             if config.fsdp and not ranks.enabled:
@@ -677,7 +457,7 @@ def train(
                 raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         with _deterministic(config.seed, device):
             inputs = prepare_inputs(config, ranks)
-            return _train(config, inputs, load_model, run_dir, resume_from, device, ranks)
+            return _train(config, inputs, run_dir, resume_from, device, ranks)
 
 
 @dataclass
@@ -753,7 +533,6 @@ def _distributed_micro_steps(
 def _train(
     config: TrainConfig,
     inputs: RunInputs,
-    load_model: LoadModel,
     run_dir: Path,
     resume_from: Path | None,
     device: str,
@@ -763,7 +542,7 @@ def _train(
     run_id = config.run_id or default_run_id(run_dir)
 
     # The model being trained and, online, the reference.
-    model = load_student(config, device, load_model)
+    model = load_student(config, device)
     autocast = _autocast_factory(device)
     safety_ids = weights = None
     if inputs.safety is not None:
@@ -780,7 +559,7 @@ def _train(
         if lora:
             reference = model  # adapters disabled for the reference pass
         else:
-            reference = load_model(
+            reference = models.load_model(
                 config.model, dtype=_compute_dtype(device), device=device
             ).requires_grad_(False)
         online = OnlineReference(

@@ -87,9 +87,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ec
     from pact.pipeline.plot import plot_store
     from pact.pipeline.precompute import PrecomputeOptions, run_precompute
     from pact.pipeline.tokens import TokensOptions, run_tokens
-    from pact.pipeline.training import run_train
     from pact.store.sql import query
-    from pact.trainer.train import TrainConfig
+    from pact.trainer.config import TrainConfig
+    from pact.trainer.train import train
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -115,7 +115,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ec
     runs: dict[str, Path] = {}
     for i, method in enumerate(METHODS, start=1):
         echo(f"[3/5] pact train --method {method} ({i}/{len(METHODS)})")
-        result = run_train(
+        result = train(
             TrainConfig(
                 model=str(paths["aligned"]),
                 data=str(paths["finetune"]),

@@ -1,17 +1,9 @@
-"""`pact train` from the pipeline side: what the trainer reads, prepared here.
+"""What a training run reads before it loads a model, checked: `prepare_inputs`.
 
-trainer/ imports nothing of the pipeline but its shared encoding (docs/architecture.md),
-so `run_train` hands `pact.trainer.train.train` the rest:
-
-- `prepare_inputs`: the fine-tuning set read (pipeline/data.py) and encoded, the
-  tokenizer and the model fingerprint (pipeline/models.py), the store, its safety set
-  and its record of the targets checked against this run, and the drift probe;
-- `pact.core.models.load_model` for the model to fine-tune (and a frozen online
-  reference), `pact.core.models.resolve_device` for `--device`;
-- `StoreDriftProbe`: `--probe-every` with pipeline/probe.py.
-
-The CLI (`pipeline/commands/train.py`), the demo and the benchmarks train through
-`run_train(TrainConfig(...))`.
+The fine-tuning set read (pact/core/data.py) and encoded, the tokenizer and the model
+fingerprint (pact/core/models.py), the store, its safety set and its record of the
+targets checked against this run (trainer/validate.py), and the drift probe
+(`StoreDriftProbe`, pipeline/probe.py) for `--probe-every`.
 """
 
 from __future__ import annotations
@@ -25,9 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pact.core import distributed, models
-from pact.core.data import FORMATS, Example, load_examples
+from pact.core.data import Example, load_examples
 from pact.core.distributed import Ranks
-from pact.core.encoding import encode_example
+from pact.core.encoding import Encoded, EncodingOptions, encode_example
 from pact.core.errors import PactError
 from pact.pipeline.probe import (
     encode_probe,
@@ -41,7 +33,7 @@ from pact.pipeline.probe import (
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import TargetReader
-from pact.trainer.train import DEFAULT_MAX_LENGTH, RunInputs, TrainConfig, TrainResult, train
+from pact.trainer.config import DEFAULT_MAX_LENGTH, TrainConfig
 from pact.trainer.validate import (
     check_examples,
     check_reference,
@@ -51,19 +43,19 @@ from pact.trainer.validate import (
 )
 
 
-def run_train(config: TrainConfig) -> TrainResult:
-    """Fine-tune `config.model` on `config.data` (`pact train`; docs/training.md): the
-    trainer's loop with the pipeline's data, models and drift probe."""
-    if config.data_format is not None and config.data_format not in FORMATS:
-        raise PactError(
-            f"unknown --format {config.data_format!r}; expected one of {', '.join(FORMATS)}"
-        )
-    return train(
-        config,
-        prepare_inputs=prepare_inputs,
-        load_model=models.load_model,
-        resolve_device=models.resolve_device,
-    )
+@dataclass
+class RunInputs:
+    """Everything a run reads before it loads the model, validated."""
+
+    tokenizer: Any
+    encoded: list[Encoded]
+    options: EncodingOptions
+    model_fingerprint: str
+    store: Store | None
+    reference_entry: dict[str, Any] | None  # the store's record of how its targets were made
+    safety: SafetySet | None  # pact only
+    reader: TargetReader | None  # cached targets (pact / constrained-sft with --reference cached)
+    probe: StoreDriftProbe | None = None  # --probe-every
 
 
 def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs:
@@ -118,7 +110,7 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
 
 @dataclass
 class StoreDriftProbe:
-    """`--probe FILE --probe-every N` (`pact.trainer.train.DriftProbe`): the drift of the
+    """`--probe FILE --probe-every N`: the drift of the
     model's safety-token confidences on FILE from the store's cached reference probe
     (pipeline/probe.py, as `pact eval --probe` measures it)."""
 
