@@ -10,7 +10,23 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+from paths import SHARED_DATA  # noqa: E402
+
+# Modules whose every test launches processes (torchrun ranks, killed runs, benchmarks):
+# marked slow, so `pytest -m "not slow"` is the inner loop; CI runs everything.
+SLOW_MODULES = (
+    "test_reliability_precompute.py",
+    "test_reliability_train.py",
+    "test_fault_harness.py",
+    "test_bench_smoke.py",
+    "trainer/test_distributed.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.relative_to(TESTS).as_posix() in SLOW_MODULES or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

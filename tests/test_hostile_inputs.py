@@ -34,7 +34,7 @@ from hostile.harness import (
 )
 from hostile.make_corpus import CASES, FILES, README, readme_text, write_corpus
 from safetensors.numpy import save_file
-from test_store import S, fill, make_safety
+from store_fixtures import S, fill, make_safety
 
 from pact.core.data import load_examples
 from pact.core.errors import PactError

@@ -28,7 +28,7 @@ from hostile.harness import (
     run_pact_many,
     snapshot,
 )
-from test_store import fill, make_safety
+from store_fixtures import fill, make_safety
 
 import pact.core.models
 from pact.core.errors import PactError

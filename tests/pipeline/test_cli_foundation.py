@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cli_helpers import run_pact
-from test_store import fill, make_safety
+from store_fixtures import fill, make_safety
 
 from pact.store import Store
 

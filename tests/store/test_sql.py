@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_helpers import run_pact
-from test_store import S, fill, make_safety
+from paths import DOCS
+from store_fixtures import S, fill, make_safety
 
 from pact.core.errors import PactError
 from pact.store import Store, TargetWriter
@@ -76,7 +76,7 @@ def test_drift_between_two_attached_stores_is_the_hand_checked_answer(two_runs, 
 def _doc_queries() -> list[str]:
     """The SQL of the 'Comparing two stores' section of docs/store.md, in order (the shell
     example's quoted query included)."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text(encoding="utf-8")
+    text = (DOCS / "store.md").read_text(encoding="utf-8")
     section = text.split("## Comparing two stores / per-example drift", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```(sh|sql)\n(.*?)```", section, re.S)
     return [re.search(r'"(.*)"', body, re.S).group(1) if kind == "sh" else body for kind, body in blocks]

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from paths import SHARED_DATA
 from tiny import make_model, make_tokenizer
 
 from pact.core.data import load_examples
@@ -33,7 +34,6 @@ from pact.store.manifest import Store
 from pact.store.safety import TOKENS_FILE, load_safety_set
 from pact.store.targets import TargetWriter
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLANTED = ("Q", "Z", "X")  # tokens the planted aligned model is made to favour on refusals
 SAFETY_ROWS = [
     {

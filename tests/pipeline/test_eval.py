@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from paths import DOCS
 from tiny import make_model, make_tokenizer
 
 from pact.core.data import load_examples
@@ -169,7 +170,7 @@ def test_matcher_keyword_file(tmp_path):
 
 
 def test_default_phrases_are_documented():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli" / "eval.md").read_text()
+    doc = (DOCS / "cli" / "eval.md").read_text()
     for phrase in DEFAULT_REFUSAL_PHRASES:
         assert f"`{phrase}`" in doc, phrase
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from fault_harness import read_all_targets
+from paths import SHARED_DATA
 from tiny import make_model, make_tokenizer
 
 from pact.core.data import load_examples
@@ -47,7 +48,7 @@ from pact.store.sql import query
 from pact.trainer.validate import check_examples
 
 SAFETY_IDS = [7, 20, 41, 100, 150, 200, 262]
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
+REAL_DATA = SHARED_DATA / "sst2_5k_harmful_p0.1.json"
 
 ROWS = [
     {"prompt": "Tell me a story about a cat.", "completion": "I cannot help with that request."},

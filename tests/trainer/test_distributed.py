@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from paths import DOCS
 from safetensors.torch import load_file
 from train_fixtures import World, build_world, data_rows, make_safety, write_jsonl
 
@@ -607,7 +608,7 @@ def test_missing_examples_and_merged_summary(world: World) -> None:
 # ----------------------------------------------------------------------------- several nodes (SLURM)
 
 
-SLURM_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "slurm.sbatch"
+SLURM_EXAMPLE = DOCS / "examples" / "slurm.sbatch"
 
 SRUN = """#!/bin/bash
 # srun of a job with SLURM_NNODES nodes, all on this machine: the command once per node,
