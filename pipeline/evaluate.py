@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
+from pact.core.config import check_choice, check_int, setting
 from pact.core.data import Example, load_examples
 from pact.core.errors import PactError
 from pact.core.models import DTYPES, file_sha256, load_model, load_tokenizer, model_fingerprint
@@ -265,28 +266,66 @@ def load_spec_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto
 # -- the evaluation --------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalOptions:
-    """Everything `pact eval` takes; files are paths, None when not asked for."""
+    """Everything `pact eval` takes (the CLI builds its options from these fields); files
+    are paths, None when not asked for."""
 
-    model: str | Path
-    store: str | Path
-    name: str | None = None
-    harmful: str | Path | None = None
-    benign: str | Path | None = None
-    task: str | Path | None = None
-    metric: str = "label"
-    probe: str | Path | None = None
-    reference: str | Path | None = None
-    judge: str | Path | None = None
-    refusal_keywords: str | Path | None = None
-    refusal_window: int = REFUSAL_WINDOW
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    max_length: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    model: str = setting(help="Model directory (safetensors) or `pact train` run directory.", path="any")
+    store: str = setting(help="The pact store; results land in its `evals` table.", path="any")
+    name: str | None = setting(None, help="Model name in the evals table (default: the directory's name).")
+    harmful: str | None = setting(
+        None, help="Harmful prompts: refusal rate and attack success rate.", path="file"
+    )
+    benign: str | None = setting(None, help="Harmless prompts: over-refusal rate.", path="file")
+    task: str | None = setting(
+        None, help="Labelled rows (the output is the label): task accuracy.", path="file"
+    )
+    metric: str = setting(
+        "label",
+        help="Task scoring: label = the label the generation starts with; exact = exact match.",
+        choices=TASK_METRICS,
+    )
+    probe: str | None = setting(
+        None,
+        help="Safety set (prompt, refusal): per-step drift KL and safety-token mass vs the reference.",
+        path="file",
+    )
+    reference: str | None = setting(
+        None, help="Reference model for the probe when the store has no cached reference probe.", path="any"
+    )
+    judge: str | None = setting(
+        None,
+        help="Local guard model scoring the --harmful generations (output starting 'unsafe' = harmful).",
+        path="any",
+    )
+    refusal_keywords: str | None = setting(
+        None, help="Refusal phrases, one per line (replaces the default list).", path="file"
+    )
+    refusal_window: int = setting(
+        REFUSAL_WINDOW,
+        help="Characters at the start of a generation searched for a refusal phrase (0 = all).",
+    )
+    max_new_tokens: int = setting(64, help="Greedy generation length.")
+    batch_size: int = setting(16, help="Prompts per generation / probe batch.")
+    max_length: int = setting(512, help="Probe encoding length when the store records none.")
+    dtype: str = setting(
+        "auto", help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=DTYPES
+    )
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = setting(
+        False, help="Allow model code from the model directory (off by default)."
+    )
+
+    def __post_init__(self) -> None:
+        if not any([self.harmful, self.benign, self.task, self.probe]):
+            raise PactError("nothing to evaluate: give at least one of --harmful, --benign, --task, --probe")
+        check_choice(self.metric, TASK_METRICS, "--metric")
+        check_int(self.max_new_tokens, "--max-new-tokens")
+        check_int(self.batch_size, "--batch-size")
+        check_int(self.max_length, "--max-length", 2)
+        check_choice(self.dtype, DTYPES, "--dtype")
+        check_int(self.refusal_window, "--refusal-window", 0)
 
 
 @dataclass
@@ -306,22 +345,6 @@ class EvalReport:
 def _eval_id(name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "model"
     return f"{safe[:80]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def _check_options(options: EvalOptions) -> None:
-    if not any([options.harmful, options.benign, options.task, options.probe]):
-        raise PactError("nothing to evaluate: give at least one of --harmful, --benign, --task, --probe")
-    if options.metric not in TASK_METRICS:
-        raise PactError(f"unknown --metric {options.metric!r}; expected one of {', '.join(TASK_METRICS)}")
-    for flag, value in (("--max-new-tokens", options.max_new_tokens), ("--batch-size", options.batch_size)):
-        if value < 1:
-            raise PactError(f"{flag} must be at least 1, got {value}")
-    if options.max_length < 2:
-        raise PactError(f"--max-length must be at least 2, got {options.max_length}")
-    if options.dtype not in DTYPES:
-        raise PactError(f"unknown --dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
-    if options.refusal_window < 0:
-        raise PactError(f"--refusal-window must be >= 0, got {options.refusal_window}")
 
 
 def _load(path: str | Path | None, require_response: bool) -> list[Example] | None:
@@ -391,7 +414,6 @@ def run_eval(options: EvalOptions, *, generate: GenerateFn = greedy_generate) ->
     `generate(model, tokenizer, prompt_ids_list, max_new_tokens=, batch_size=, desc=)`
     is the generation function (replaceable in tests).
     """
-    _check_options(options)
     store = Store(options.store)
     manifest = store.require()
     harmful = _load(options.harmful, require_response=False)

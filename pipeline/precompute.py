@@ -35,7 +35,6 @@ stored, and the summaries are merged on every rank.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import re
@@ -43,7 +42,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from pact.core import distributed
 from pact.core.atomic import atomic_write_with
+from pact.core.config import check_choice, check_int, setting
 from pact.core.data import FORMATS, load_examples
 from pact.core.encoding import (
     Encoded,
@@ -158,40 +158,55 @@ def shard_of(example_id: str, count: int) -> int:
 
 @dataclass(frozen=True)
 class PrecomputeOptions:
-    """Options of `run_precompute` (the CLI flags of `pact precompute`)."""
+    """Options of `run_precompute` (the CLI builds the flags of `pact precompute` from
+    these fields); invalid values raise PactError when the options are built."""
 
-    batch_size: int = 8
-    max_batch_tokens: int | None = None  # cap on batch rows x padded length
-    max_length: int = 1024
-    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:i
-    chunk_positions: int = 256  # response positions per LM-head chunk
-    shard: Shard = field(default_factory=Shard)
-    value_dtype: str = "float32"  # stored dtype of the safety-token log-probs
-    examples_per_part: int = 256
-    data_format: str | None = None  # one of pipeline.data.FORMATS; detected when None
-    skip_invalid: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
+    batch_size: int = setting(8, help="Examples per forward pass (batches are length-bucketed).")
+    max_batch_tokens: int | None = setting(None, help="Cap on rows x padded length per batch.")
+    max_length: int = setting(
+        1024, help="Max prompt + response tokens (the response tail is cut); must match training."
+    )
+    dtype: str = setting(
+        "auto", help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.", choices=DTYPES
+    )
+    device: str = setting(
+        "auto",
+        help="auto, cpu, cuda or cuda:<index> (under torchrun auto or cuda: cuda:LOCAL_RANK; another index is refused).",
+    )
+    chunk_positions: int = setting(
+        256, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory)."
+    )
+    shard: Shard = setting(help="Shard of the examples this run computes.", factory=Shard, cli=False)
+    value_dtype: str = setting(
+        "float32", help="Stored dtype of the safety-token log-probs.", choices=tuple(VALUE_DTYPES)
+    )
+    examples_per_part: int = setting(
+        256,
+        help="Examples per Parquet part, rounded up to whole batches (a killed run loses at most one part of work).",
+        flag="--part-size",
+    )
+    data_format: str | None = setting(
+        None, help="Row shape of --data; detected when omitted.", flag="--format", choices=FORMATS
+    )
+    skip_invalid: bool = setting(
+        False,
+        help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.",
+    )
+    trust_remote_code: bool = setting(False, help="Allow model code shipped with the reference directory.")
+    progress: bool = setting(True, help="Show a progress bar.", cli=False)
 
-    def validate(self) -> None:
-        """PactError for any out-of-range option."""
-        if self.batch_size < 1:
-            raise PactError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise PactError(f"--max-batch-tokens must be at least 1, got {self.max_batch_tokens}")
-        if self.chunk_positions < 1:
-            raise PactError(f"--chunk-positions must be at least 1, got {self.chunk_positions}")
-        if self.examples_per_part < 1:
-            raise PactError(f"--part-size must be at least 1, got {self.examples_per_part}")
-        if self.dtype not in DTYPES:
-            raise PactError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.value_dtype not in VALUE_DTYPES:
-            raise PactError(f"--value-dtype {self.value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
-        if not _DEVICE.match(self.device):
+    def __post_init__(self) -> None:
+        check_int(self.batch_size, "--batch-size")
+        if self.max_batch_tokens is not None:
+            check_int(self.max_batch_tokens, "--max-batch-tokens")
+        check_int(self.chunk_positions, "--chunk-positions")
+        check_int(self.examples_per_part, "--part-size")
+        check_choice(self.dtype, DTYPES, "--dtype")
+        check_choice(self.value_dtype, tuple(VALUE_DTYPES), "--value-dtype")
+        if not _DEVICE.match(str(self.device)):
             raise PactError(f"--device {self.device!r} must be auto, cpu, cuda or cuda:<index>")
-        if self.data_format is not None and self.data_format not in FORMATS:
-            raise PactError(f"--format {self.data_format!r} is not one of {', '.join(FORMATS)}")
+        if self.data_format is not None:
+            check_choice(self.data_format, FORMATS, "--format")
         if not isinstance(self.shard, Shard):
             raise PactError("PrecomputeOptions.shard must be a Shard (use Shard.parse('i/N'))")
         EncodingOptions(max_length=self.max_length)
@@ -708,11 +723,11 @@ def run_precompute(
     """
     options = options or PrecomputeOptions()
     note = echo or (lambda message: tqdm.write(message, file=sys.stderr))
-    rank, world = _group_ranks()
+    ranks = distributed.current_ranks()
+    rank, world = ranks.rank, ranks.world_size
     say = note if world == 1 else (lambda message: note(f"rank {rank}: {message}"))
     started = time.perf_counter()
-    with _agreeing(world):
-        options.validate()
+    with distributed.agreeing():
         if world > 1 and options.shard != Shard(rank, world):
             raise PactError(
                 f"shard {options.shard.index}/{options.shard.count} disagrees with the process group "
@@ -752,7 +767,7 @@ def run_precompute(
     if too_long:
         say(too_long)
     # Every rank plans against the store before any rank rewrites stored rows.
-    with _agreeing(world):
+    with distributed.agreeing():
         reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)
         changed, dropped_parts = _claim_reference(store, reference)
         if changed:
@@ -803,37 +818,6 @@ def run_precompute(
 # ----------------------------------------------------------------------------- torchrun
 
 
-def _group_ranks() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(value: Any) -> list[Any]:
-    """[value of rank 0, value of rank 1, ...] on every rank."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-@contextlib.contextmanager
-def _agreeing(world: int) -> Iterator[None]:
-    """A block every rank runs; a PactError on any rank is raised on every rank, prefixed
-    with the rank that failed (a single process raises its own error unchanged)."""
-    if world == 1:
-        yield
-        return
-    error: str | None = None
-    try:
-        yield
-    except PactError as exc:
-        error = str(exc)
-    for failed, message in enumerate(_gather(error)):
-        if message is not None:
-            raise PactError(f"rank {failed}: {message}")
-
-
 def missing_examples(store: Store, example_ids: list[str]) -> list[str]:
     """The ids among `example_ids` that have no targets in the store (in order); the
     reader's index also refuses an example stored twice."""
@@ -845,13 +829,13 @@ def _finish_ranks(store: Store, encoded: list[Encoded], summary: PrecomputeSumma
     """After every rank registered its parts: each checks that its examples are stored
     (once), then the summaries are merged on every rank; PactError naming the ranks
     whose examples are missing."""
-    dist.barrier()
+    distributed.barrier()
     try:
         missing = missing_examples(store, [e.example_id for e in encoded])
         problem = f"{len(missing)} examples missing, first: {', '.join(missing[:3])}" if missing else None
     except PactError as exc:
         problem = str(exc)
-    gathered = _gather((summary, problem))
+    gathered = distributed.all_gather_objects((summary, problem))
     problems = [f"rank {rank}: {problem}" for rank, (_, problem) in enumerate(gathered) if problem]
     if problems:
         raise PactError(

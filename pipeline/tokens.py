@@ -29,10 +29,11 @@ import numpy as np
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
-from pact.core.data import Example, load_examples
+from pact.core.config import check_choice, check_int, check_number, setting
+from pact.core.data import FORMATS, Example, load_examples
 from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
 from pact.core.errors import PactError
-from pact.core.models import check_dir, file_sha256
+from pact.core.models import DTYPES, check_dir, file_sha256
 from pact.store.manifest import Store
 from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
 
@@ -48,32 +49,50 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclass(frozen=True)
 class TokensOptions:
-    """Stage-0 options (defaults as in the paper); batch_size changes speed, never results."""
+    """Stage-0 options (defaults as in the paper; the CLI builds its options from these
+    fields). batch_size changes speed, never results."""
 
-    top_k: int = 50
-    max_examples: int = 512
-    max_resp_len: int = 64
-    temperature: float = 1.0
-    diff_mode: str = "p_diff"
-    batch_size: int = 8
+    top_k: int = setting(50, help="Candidate tokens kept, ranked by mean aligned probability (at least 2).")
+    max_examples: int = setting(512, help="Use the first K examples with a non-empty refusal, in file order.")
+    max_resp_len: int = setting(64, help="Refusal tokens scored per example (R = min(length, this)).")
+    temperature: float = setting(1.0, help="Softmax temperature tau applied to both models' logits.")
+    diff_mode: str = setting(
+        "p_diff", help="Score: p_A - p_B, or p_A * (log p_B - log p_A).", choices=DIFF_MODES
+    )
+    batch_size: int = setting(8, help="Examples per forward pass (results do not depend on it).")
+    dtype: str = setting(
+        "auto",
+        help="Model weights dtype; auto = float32 on CPU, bfloat16 on CUDA. Softmax and sums are float32.",
+        choices=DTYPES,
+    )
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
+    data_format: str | None = setting(
+        None, help="Row shape of --data; detected from the first row when omitted.", flag="--format", choices=FORMATS
+    )
+    trust_remote_code: bool = setting(False, help="Allow model/tokenizer code from the model directories.")
+    generate_refusals: bool = setting(
+        False,
+        help="Rows without a refusal get one written by the aligned model (greedy), saved as refusals.jsonl in the store.",
+    )
+    max_new_tokens: int = setting(64, help="Longest generated refusal (with --generate-refusals).")
+    force: bool = setting(False, help="Replace the safety set of a store that already holds targets (they go stale).")
+    progress: bool = setting(True, help="Show progress bars.", cli=False)
 
     def __post_init__(self) -> None:
-        if self.top_k < 2:
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k < 2:
             raise PactError(
-                f"top_k must be at least 2 (the std of the kept scores is undefined below), got {self.top_k}"
+                f"--top-k must be at least 2 (the std of the kept scores is undefined below), got {self.top_k}"
             )
-        if self.max_examples < 1:
-            raise PactError(f"max_examples must be at least 1, got {self.max_examples}")
-        if self.max_resp_len < 1:
-            raise PactError(f"max_resp_len must be at least 1, got {self.max_resp_len}")
-        if not (self.temperature > 0 and np.isfinite(self.temperature)):
-            raise PactError(f"temperature must be a positive number, got {self.temperature}")
-        if self.diff_mode not in DIFF_MODES:
-            raise PactError(
-                f"unknown diff mode {self.diff_mode!r}; expected one of {', '.join(DIFF_MODES)}"
-            )
-        if self.batch_size < 1:
-            raise PactError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_int(self.top_k, "--top-k", 2)
+        check_int(self.max_examples, "--max-examples")
+        check_int(self.max_resp_len, "--max-resp-len")
+        check_number(self.temperature, "--temperature", minimum=0.0, inclusive=False)
+        check_choice(self.diff_mode, DIFF_MODES, "--diff-mode")
+        check_int(self.batch_size, "--batch-size")
+        check_choice(self.dtype, DTYPES, "--dtype")
+        if self.data_format is not None:
+            check_choice(self.data_format, FORMATS, "--format")
+        check_int(self.max_new_tokens, "--max-new-tokens")
 
     def recorded(self) -> dict[str, Any]:
         """The options that decide the result, as recorded in the manifest."""
@@ -472,20 +491,14 @@ def run_tokens(
     data_path: str | Path,
     store_dir: str | Path,
     options: TokensOptions,
-    *,
-    data_format: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    generate_missing_refusals: bool = False,
-    max_new_tokens: int = 64,
-    force: bool = False,
-    progress: bool = True,
 ) -> TokensResult:
     """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error)."""
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
     started = time.perf_counter()
+    data_format, dtype, device = options.data_format, options.dtype, options.device
+    trust_remote_code, force, progress = options.trust_remote_code, options.force, options.progress
+    generate_missing_refusals, max_new_tokens = options.generate_refusals, options.max_new_tokens
     aligned_dir, base_dir, data_path = Path(aligned_dir), Path(base_dir), Path(data_path)
     store = Store(store_dir)
     manifest = store.read_manifest()
@@ -495,8 +508,6 @@ def run_tokens(
             "its current safety set; new safety tokens would make them stale (pass --force to replace "
             "the safety set, then rerun `pact precompute`)"
         )
-    if max_new_tokens < 1:
-        raise PactError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     check_dir(aligned_dir, "aligned model")
     check_dir(base_dir, "base model")
     loaded = load_examples(data_path, data_format, require_response=False)

@@ -11,7 +11,7 @@ One loop, read top to bottom in `train()`:
        clip, step, schedule, metrics, checkpoint every --save-every
     -> RUN/model (full FT) or RUN/adapter (+ RUN/model with --merge), metrics
 
-PACT loss per micro-batch (DESIGN "Stage 2"): CE(response) + λ · token mean of KL_t.
+PACT loss per micro-batch (docs/loss.md): CE(response) + λ · token mean of KL_t.
 
 Under torchrun (WORLD_SIZE > 1) every rank runs this loop on its share of each global
 micro-batch (`--batch-size` x ranks examples), the model wrapped in DDP or sharded

@@ -782,10 +782,6 @@ def _bad_input_case(case: str, assets, tmp_path) -> tuple[Path, Path, Path, Prec
         model = tmp_path / "nope"
     elif case == "prompt too long":
         data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:2] + [{"id": "long", "prompt": "cat " * 80, "completion": "no"}])
-    elif case == "bad value dtype":
-        options = _opts(value_dtype="int8")
-    elif case == "bad device":
-        options = _opts(device="tpu")
     return model, data, store.root, options
 
 
@@ -797,8 +793,6 @@ BAD_INPUTS = [
     ("id collision", r"id 'a' is used by row 1 and row 2 with different content"),
     ("missing model", r"model path .*nope does not exist"),
     ("prompt too long", r"example long: the prompt has \d+ tokens, leaving no room .*max_length 64 .*--skip-invalid"),
-    ("bad value dtype", r"--value-dtype 'int8'"),
-    ("bad device", r"--device 'tpu'"),
 ]
 
 
@@ -810,6 +804,20 @@ def test_bad_inputs_are_refused_and_write_nothing(case, message, assets, tmp_pat
         run_precompute(model, data, root, options, echo=lambda m: None)
     assert "\n" not in str(info.value)
     assert (_snapshot(root) if root.exists() else None) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"value_dtype": "int8"}, r"^unknown --value-dtype 'int8'; expected one of float32, float16$"),
+        ({"device": "tpu"}, r"^--device 'tpu' must be auto, cpu, cuda or cuda:<index>$"),
+        ({"batch_size": 0}, r"^--batch-size must be an integer >= 1, got 0$"),
+        ({"examples_per_part": 0}, r"^--part-size must be an integer >= 1, got 0$"),
+    ],
+)
+def test_bad_options_are_refused_when_built(change, message):
+    with pytest.raises(PactError, match=message):
+        PrecomputeOptions(**change)
 
 
 def test_skip_invalid_reports_and_skips(assets, tmp_path):

@@ -71,7 +71,7 @@ def test_config_validation(kwargs: dict, match: str) -> None:
     [{"top_p": 1.0}, {"prefix_n": 0}, {"boost": 0.0}, {"decay_tau": 0.0}, {"decay_tau": -1.0}, {"bias": -3}],
 )
 def test_config_edge_values_allowed(kwargs: dict) -> None:
-    """Edge values the DESIGN allows (decay_tau <= 0 is a hard cut) build a config that keeps them."""
+    """Edge values docs/loss.md allows (decay_tau <= 0 is a hard cut) build a config that keeps them."""
     config = PactConfig(**kwargs)
     assert all(getattr(config, name) == value for name, value in kwargs.items())
 
@@ -208,7 +208,7 @@ def test_kl_zero_when_student_is_reference_and_weights_equal() -> None:
 
 
 def test_kl_positive_at_step0_with_unequal_weights() -> None:
-    # DESIGN detail 8: model == reference, but the target is reweighted -> KL > 0.
+    # docs/loss.md ("At step 0"): model == reference, but the target is reweighted -> KL > 0.
     # u = f = o = 2 log a, a = [.5, .3, .2], T = 2 -> p = a; w = [1, 0, 2] -> q = [5/9, 0, 4/9]
     # KL = 4 * (5/9 ln((5/9) / .5) + 4/9 ln((4/9) / .2)) = 4 * (5/9 ln(10/9) + 4/9 ln(20/9))
     #    = 4 * (0.0585325 + 0.3548933) = 1.6537032
@@ -708,7 +708,7 @@ def test_target_stays_normalized_when_the_weighted_mass_underflows(gap: float) -
     """Regression (design audit): the top token of S has weight 0 and every weighted token
     is `gap` nats lower, so sum(softmax(m / T) * w) ~ exp(-gap / T) is below float32's
     reach. q must still be normalize(softmax(m / T) * w) = w / sum(w) here, and KL_t the
-    DESIGN formula (computed in float64 in log space), not a shrunken or negative value."""
+    formula of docs/loss.md (computed in float64 in log space), not a shrunken or negative value."""
     weights = torch.tensor([0.0, 0.4, 0.6, 0.0])
     full = torch.tensor([[[-0.01, -gap, -gap, -5.0]]])
     mask = torch.ones(1, 1)
