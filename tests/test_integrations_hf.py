@@ -360,3 +360,24 @@ def test_trainer_under_ddp_on_two_processes_equals_pact_train_in_one(
     launch = torchrun(tmp_path, str(tmp_path / "ddp.py"), str(tmp_path / "spec.json"))
     assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
     assert_same_steps(json.loads((tmp_path / "logs.json").read_text()), pact_runs("pact", "full"), "pact")
+
+
+def test_evaluate_reports_pact_trains_loss_of_the_eval_set(world: World, tmp_path: Path) -> None:
+    from pact.integrations.hf import inputs_batch
+    from pact.store.safety import load_safety_set
+    from pact.trainer.loss import PactConfig
+    from pact.trainer.train import batch_loss
+
+    tokenizer = load_tokenizer(world.model_dir)
+    rows = pact_dataset(world.data, tokenizer, store=world.store_dir)
+    model = full_model(world)
+    args = TrainingArguments(**trainer_options(tmp_path) | {"per_device_eval_batch_size": len(rows)})
+    trainer = PactTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                          processing_class=tokenizer, store=world.store_dir)  # fmt: skip
+    evaluated = trainer.evaluate()["eval_loss"]
+    safety = load_safety_set(Store(world.store_dir))
+    batch = inputs_batch(trainer.data_collator(rows.to_list()))
+    with torch.no_grad():
+        expected = batch_loss(model.eval(), batch, method="pact", kl_weight=1.0, pact=PactConfig(),
+                              safety_ids=torch.as_tensor(safety.token_ids), weights=torch.as_tensor(safety.weights))
+    assert evaluated == pytest.approx(float(expected.loss), rel=TOLERANCE)
