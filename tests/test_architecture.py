@@ -61,11 +61,6 @@ def test_only_the_pipeline_wiring_imports_the_trainer() -> None:
     assert violations("pipeline", lambda n: within(n, "trainer"), skip=PIPELINE_WIRING) == []
 
 
-def test_integrations_import_no_pipeline_module() -> None:
-    """pact/integrations/ sits on core, store and trainer: no CLI or pipeline stage."""
-    assert violations("pact/integrations", lambda n: within(n, "pipeline", "pact.pipeline")) == []
-
-
 def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
     module = tmp_path / "trainer" / "example.py"
     module.parent.mkdir()
