@@ -293,6 +293,7 @@ def test_a_model_other_than_the_reference_is_refused(world: World, tmp_path: Pat
         ({"method": "sft", "kl_weight": 0.5}, "kl_weight weighs the PACT KL; it has no effect with method 'sft'"),
         ({"kl_weight": math.nan}, "kl_weight must be a finite number >= 0, got nan"),
         ({"store": None}, "method 'pact' needs store="),
+        ({"data_collator": lambda rows: rows}, "not function: leave data_collator unset"),
     ],
 )
 def test_options_are_refused_with_one_line(world: World, tmp_path: Path, options: dict, message: str) -> None:

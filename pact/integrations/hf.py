@@ -382,7 +382,13 @@ class PactLossMixin:
         setup = PactSetup.open(
             store, tokenizer, method, kl_weight, pact_config or PactConfig(), targets_memory_mb
         )
-        if kwargs.get("data_collator") is None:
+        collator = kwargs.get("data_collator")
+        if collator is not None and not isinstance(collator, PactCollator):
+            raise PactError(
+                "the PACT loss reads batches of pact.integrations.hf.PactCollator (cached targets "
+                f"joined by example id), not {type(collator).__name__}: leave data_collator unset"
+            )
+        if collator is None:
             kwargs["data_collator"] = PactCollator(tokenizer.pad_token_id, setup.reader)
         super().__init__(*args, **kwargs)
         # compute_loss returns a token mean per micro-batch: the Trainer divides it by the
@@ -489,6 +495,7 @@ def _sft_trainer_class() -> type:
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
             super().__init__(model, args, **kwargs)
 
+    PactSFTTrainer.__qualname__ = "PactSFTTrainer"  # pickled by name through __getattr__ below
     return PactSFTTrainer
 
 
