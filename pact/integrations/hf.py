@@ -324,10 +324,8 @@ class PactSetup:
     def check_rows(self, dataset: Any) -> None:
         """Every example of `dataset` has finite targets computed from the same token ids
         (each rank checks every world_size-th row; a failure stops every rank)."""
-        if self.reader is None or dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
-            return
-        if hasattr(dataset, "to_iterable_dataset") and not hasattr(dataset, "__len__"):
-            return  # a streaming datasets.IterableDataset: the collator checks each batch
+        if self.reader is None or dataset is None or not hasattr(dataset, "__len__"):
+            return  # an iterable (streaming) dataset: the collator checks each batch
         ranks = distributed.current_ranks()
         with distributed.agreeing():
             encoded = [
@@ -406,8 +404,10 @@ class PactLossMixin:
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *PACT_COLUMNS]))
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not hasattr(dataset, "__len__"):
+            return None  # an iterable dataset keeps its own order
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return EpochOrderSampler(len(dataset), seed)
 
