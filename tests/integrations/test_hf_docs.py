@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SECTION = "## Add PACT to an existing TRL script"
 
 
