@@ -26,7 +26,8 @@ Files written by :func:`main` (all JSONL rows are ``{"id", "prompt",
 ``heldout_benign.jsonl``   unseen benign actions x unseen phrasings (completion = a helpful answer)
 ``heldout_task.jsonl``     unseen task sentences (completion = the label)
 
-Run ``python -m pact.pipeline.demo.generate_data --help``.
+Run ``python tools/demo_assets/generate_data.py --help`` (a script, not part of the installed
+package; it writes into ``pipeline/demo/assets/data`` by default).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pact.pipeline.demo.run import ASSETS
+
 DEFAULT_SEED = 1234
-DATA_DIR = Path(__file__).resolve().parent / "assets" / "data"
+DATA_DIR = ASSETS / "data"
 
 Row = dict[str, str]
 
