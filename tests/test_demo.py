@@ -19,7 +19,6 @@ METRICS = ("refusal_rate", "over_refusal_rate", "task_accuracy")
 # Smaller than the demo (1 epoch, 24 evaluation rows) but with enough safety examples
 # for stage 0 to keep "Sure" in S (it does not with 24), so PACT's effect shows.
 SMALL = DemoSettings(epochs=1, max_safety_examples=128, eval_limit=24, probe_examples=16, max_new_tokens=8)
-SMOKE = DemoSettings(epochs=1, eval_limit=6, probe_examples=6, max_safety_examples=24, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +126,14 @@ def test_format_results_table_and_sql_answers() -> None:
 def test_demo_refuses_a_non_empty_out_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(PactError, match="is not empty; choose a new directory"):
-        run_demo(tmp_path, SMOKE, echo=lambda line: None)
+        run_demo(tmp_path, DemoSettings(), echo=lambda line: None)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_missing_assets_name_the_rebuild_command(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "ASSETS", tmp_path / "assets")
     with pytest.raises(PactError, match=r"demo assets are missing \(.*base\)") as error:
-        run_demo(tmp_path / "out", SMOKE, echo=lambda line: None)
+        run_demo(tmp_path / "out", DemoSettings(), echo=lambda line: None)
     command = str(error.value).split("`")[1]
     assert command == "python tools/demo_assets/build_assets.py"
     assert (ROOT / command.split()[1]).is_file()
