@@ -68,7 +68,7 @@ def asset_paths() -> dict[str, Path]:
     }
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise PactError(f"demo assets are missing ({missing[0]}); rebuild with `python -m pact.pipeline.demo.build_assets`")
+        raise PactError(f"demo assets are missing ({missing[0]}); rebuild them from a checkout with `python tools/demo_assets/build_assets.py`")
     return paths
 
 

@@ -2,7 +2,7 @@
 
 Steps (all local, nothing downloaded, deterministic for a given seed):
 
-1. Generate the synthetic JSONL files (``pact.pipeline.demo.generate_data``) into
+1. Generate the synthetic JSONL files (``generate_data.py`` beside this script) into
    ``<out>/data/``.
 2. Train a byte-level BPE tokenizer (``tokenizers``) on the training files and
    wrap it as a ``transformers.PreTrainedTokenizerFast`` with a Jinja chat
@@ -21,10 +21,11 @@ Steps (all local, nothing downloaded, deterministic for a given seed):
    prompts, over-refusal on benign prompts, task accuracy.  The numbers are
    printed and written to ``<out>/build_report.json``.
 
-Usage::
+This folder is not part of the installed package: run it as a script from a checkout
+with pact installed (``pip install -e .``); it writes into ``pipeline/demo/assets``::
 
-    python -m pact.pipeline.demo.build_assets            # full rebuild (~5 min, 1 CPU thread)
-    python -m pact.pipeline.demo.build_assets --check    # only evaluate the shipped models
+    python tools/demo_assets/build_assets.py            # full rebuild (~5 min, 1 CPU thread)
+    python tools/demo_assets/build_assets.py --check    # only evaluate the shipped models
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import generate_data as gd  # the sibling script (this folder is on sys.path when run)
 import torch
 
-from pact.pipeline.demo import generate_data as gd
-
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+from pact.pipeline.demo.run import ASSETS as ASSETS_DIR
 
 BOS, EOS_DOC, PAD = "<s>", "</s>", "<pad>"
 USER, ASSISTANT, SYSTEM, END = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
