@@ -108,7 +108,10 @@ def violations(source: str) -> list[str]:
                 if arg.arg == "trust_remote_code" and not _is_const(default, False)
             ]
         elif isinstance(node, ast.AnnAssign) and _dotted(node.target) == "trust_remote_code":
-            if node.value is not None and not _is_const(node.value, False):
+            default = node.value
+            if isinstance(default, ast.Call) and _dotted(default.func) == "setting" and default.args:
+                default = default.args[0]  # pact.core.config.setting(default, help=...)
+            if default is not None and not _is_const(default, False):
                 found.append(f"line {line}: field trust_remote_code does not default to False")
     return found
 
@@ -151,6 +154,8 @@ def load2(path, *, trust_remote_code=None): ...
 class Options:
     trust_remote_code: bool = True
 click.option("--trust-remote-code", default=True)
+class Config:
+    trust_remote_code: bool = setting(True, help="...")
 """
     found = violations(source)
     expected = [
@@ -168,6 +173,7 @@ click.option("--trust-remote-code", default=True)
         "line 13: load2(trust_remote_code=...) does not default to False",
         "line 15: field trust_remote_code does not default to False",
         "line 16: --trust-remote-code is not an off-by-default flag",
+        "line 18: field trust_remote_code does not default to False",
     ]
     assert sorted(found) == sorted(expected)
     clean = """
