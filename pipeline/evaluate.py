@@ -284,6 +284,7 @@ class EvalOptions:
     max_new_tokens: int = 64
     batch_size: int = 16
     max_length: int = 512
+    label_after_end_of_turn: bool = False  # probe encoding when the store records none
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -346,7 +347,7 @@ def _plan_probe(
     """Check, before any model is loaded, that the probe has a reference side."""
     examples = _load(options.probe, require_response=True)
     safety = load_safety_set(store)
-    encoding = probe_encoding_options(manifest, options.max_length)
+    encoding = probe_encoding_options(manifest, options.max_length, options.label_after_end_of_turn)
     encoded = encode_probe(tokenizer, examples, encoding)
     expected = reference_fingerprint(manifest)
     if expected is not None and spec.fingerprint == expected:

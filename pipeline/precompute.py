@@ -163,6 +163,7 @@ class PrecomputeOptions:
     batch_size: int = 8
     max_batch_tokens: int | None = None  # cap on batch rows x padded length
     max_length: int = 1024
+    label_after_end_of_turn: bool = False  # label what the template writes after end-of-turn (the paper's code)
     dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:i
     chunk_positions: int = 256  # response positions per LM-head chunk
@@ -194,7 +195,11 @@ class PrecomputeOptions:
             raise PactError(f"--format {self.data_format!r} is not one of {', '.join(FORMATS)}")
         if not isinstance(self.shard, Shard):
             raise PactError("PrecomputeOptions.shard must be a Shard (use Shard.parse('i/N'))")
-        EncodingOptions(max_length=self.max_length)
+        self.encoding()
+
+    def encoding(self) -> EncodingOptions:
+        """The shared encoding's options for this run."""
+        return EncodingOptions(max_length=self.max_length, label_after_end_of_turn=self.label_after_end_of_turn)
 
 
 @dataclass
@@ -463,7 +468,7 @@ def _reference_entry(
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "value_dtype": options.value_dtype,
         "safety_tokens": safety.fingerprint,
-        **encoding_fingerprints(tokenizer, EncodingOptions(max_length=options.max_length)),
+        **encoding_fingerprints(tokenizer, options.encoding()),
     }
 
 
@@ -611,7 +616,7 @@ class _Work:
 def _encode_shard(
     tokenizer: Any, examples: list[Any], options: PrecomputeOptions, summary: PrecomputeSummary
 ) -> list[Encoded]:
-    encoding = EncodingOptions(max_length=options.max_length)
+    encoding = options.encoding()
     encoded = []
     for example in examples:
         if not options.shard.owns(example.example_id):

@@ -88,7 +88,7 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
             raise PactError(
                 f"the safety-token set of {store.root} has only zero weights: the PACT target is undefined"
             )
-    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH)
+    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH, config.label_after_end_of_turn)
     if use_targets:
         check_reference(entry, tokenizer, options, safety, model_fingerprint, config.model)
     elif entry is not None and safety is not None:

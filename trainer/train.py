@@ -114,6 +114,7 @@ class TrainConfig:
     pact: PactConfig = field(default_factory=PactConfig)  # gate and KL temperature
     data_format: str | None = None  # [--format] detected from the first row when None
     max_length: int | None = None  # None: the store's, else 1024
+    label_after_end_of_turn: bool = False  # label what the template writes after end-of-turn (the paper's code)
     finetune: str = "lora"  # lora | full
     lora_r: int = 8
     lora_alpha: float = 16.0

@@ -21,6 +21,7 @@ from pact.store.targets import VALUE_DTYPES
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per forward pass (batches are length-bucketed).")
 @click.option("--max-batch-tokens", default=None, type=int, help="Cap on rows x padded length per batch.")
 @click.option("--max-length", default=1024, show_default=True, type=int, help="Max prompt + response tokens (the response tail is cut); must match training.")
+@click.option("--label-after-end-of-turn", is_flag=True, help="Label what the chat template writes after its end-of-turn token too (Qwen's, Gemma's, Phi-3's newline), as the paper's code does; recorded in the store. Default: labels and steps stop at end-of-turn.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<index> (under torchrun auto or cuda: cuda:LOCAL_RANK; another index is refused).")
 @click.option("--chunk-positions", default=256, show_default=True, type=int, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory).")
@@ -38,6 +39,7 @@ def precompute_command(
     batch_size: int,
     max_batch_tokens: int | None,
     max_length: int,
+    label_after_end_of_turn: bool,
     dtype: str,
     device: str,
     chunk_positions: int,
@@ -69,6 +71,7 @@ def precompute_command(
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
             max_length=max_length,
+            label_after_end_of_turn=label_after_end_of_turn,
             dtype=dtype,
             device=rank_device,
             chunk_positions=chunk_positions,

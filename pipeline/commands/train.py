@@ -77,6 +77,11 @@ _PACT = PactConfig()
     default=None,
     help="Tokens per example; default: the store's, else 1024.",
 )
+@click.option(
+    "--label-after-end-of-turn",
+    is_flag=True,
+    help="Label what the chat template writes after its end-of-turn token too (Qwen's, Gemma's, Phi-3's newline), as the paper's code does; default: labels stop at end-of-turn. Must match the store's targets.",
+)
 @click.option("--finetune", type=click.Choice(FINETUNE_MODES), default="lora", show_default=True)
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
