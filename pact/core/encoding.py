@@ -233,9 +233,13 @@ def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -
 
 
 def assistant_header_text(tokenizer: Any) -> str:
-    """What add_generation_prompt adds on a dummy user turn; `Assistant:` when blank."""
+    """What add_generation_prompt adds on a dummy user turn; `Assistant:` when blank.
+    A template that ends a conversation with eos instead (Phi-3) is compared without it."""
     without = render(tokenizer, DUMMY_TURN, add_generation_prompt=False)
     with_prompt = render(tokenizer, DUMMY_TURN, add_generation_prompt=True)
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and not with_prompt.startswith(without) and without.endswith(eos):
+        without = without[: -len(eos)]
     header = with_prompt[len(without) :] if with_prompt.startswith(without) else ""
     return header if header.strip() else HEADER_FALLBACK
 
