@@ -187,3 +187,91 @@ def test_truncation_applies_after_the_end_of_turn_cut(tokenizers):
     assert cut.truncated and cut.response_ids.tolist() == full.response_ids[:2].tolist()
     exact = encode_example(tok, ex, EncodingOptions(max_length=len(full.input_ids)))
     assert not exact.truncated and exact.token_hash == full.token_hash
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+SST2_ROWS = [
+    ("it 's a charming and often affecting journey . ", "positive"),
+    ("unflinchingly bleak and desperate ", "negative"),
+    ("allows us to hope that nolan is poised to embark a major career as a commercial yet inventive filmmaker . ", "positive"),
+    ("the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . ", "positive"),
+    ("contains no wit , only labored gags ", "negative"),
+    ("翻译这个评论：  a gorgeous , witty , seductive movie .\n\n", "positive 😀"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen_store(tokenizers, tmp_path_factory):
+    """A store precomputed by a random-weight Qwen2 model with the real 151,936-row
+    vocabulary and the real Qwen2.5 tokenizer and template, on SST-2 style rows."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from pact.pipeline.precompute import PrecomputeOptions, run_precompute
+    from pact.store import Store
+    from pact.store.safety import safety_set_from_vector, save_safety_set
+
+    root = tmp_path_factory.mktemp("qwen-store")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    tokenizers["qwen2.5"].save_pretrained(str(model_dir))
+    data = root / "train.jsonl"
+    rows = [{"instruction": f"Classify the sentiment: {text}", "output": label} for text, label in SST2_ROWS]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    vector = np.zeros(151936, dtype=np.float32)
+    vector[[40, 2121, 6028, 151645]] = [0.6, 0.2, -0.3, -0.5]
+    safety = safety_set_from_vector(vector)
+    table = pa.table({
+        "token_id": safety.token_ids, "idx": np.arange(safety.size, dtype=np.int32),
+        "token": [f"t{i}" for i in safety.token_ids], "aligned_prob": np.full(safety.size, 0.1),
+        "base_prob": np.full(safety.size, 0.05), "score": vector[safety.token_ids].astype(np.float64),
+        "value": vector[safety.token_ids].astype(np.float64), "weight": safety.weights.astype(np.float64),
+        "rank": np.arange(1, safety.size + 1, dtype=np.int32),
+    })  # fmt: skip
+    store = Store(root / "store")
+    save_safety_set(store, safety, table, {"aligned": "test"})
+    run_precompute(str(model_dir), str(data), store.root, PrecomputeOptions(max_length=256, device="cpu", progress=False))
+    return {"store": store, "model": model_dir, "data": data}
+
+
+@pytest.mark.slow
+def test_every_stored_last_step_is_im_end(qwen_store):
+    from pact.store.sql import query
+
+    columns, rows = query(
+        qwen_store["store"],
+        "SELECT example_id, arg_max(token_id, step) AS last, count(*) AS steps, "
+        "count(*) FILTER (WHERE token_id = 198) AS newlines FROM targets GROUP BY example_id",
+    )
+    assert len(rows) == len(SST2_ROWS)
+    assert {r[columns.index("last")] for r in rows} == {151645}  # <|im_end|>
+    assert sum(r[columns.index("newlines")] for r in rows) == 0  # the "\n" after it is no step
+    manifest = qwen_store["store"].read_manifest()
+    assert manifest["reference"]["encoding"]["label_after_end_of_turn"] is False
+
+
+@pytest.mark.slow
+def test_a_store_made_the_other_way_is_refused_in_one_line(qwen_store, tmp_path):
+    from click.testing import CliRunner
+
+    from pact.pipeline.commands.train import train_command
+
+    base = ["--model", str(qwen_store["model"]), "--data", str(qwen_store["data"]),
+            "--store", str(qwen_store["store"].root), "--max-steps", "1"]  # fmt: skip
+    result = CliRunner().invoke(train_command, [*base, "--out", str(tmp_path / "run"), "--label-after-end-of-turn"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PactError)
+    message = str(result.exception)
+    assert "\n" not in message
+    assert "stop at the end-of-turn token but --label-after-end-of-turn was given" in message
