@@ -77,6 +77,7 @@ from pact.core.models import (
     resolve_device,
     resolve_dtype,
 )
+from pact.core.special_text import special_text_warning
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import (
@@ -756,6 +757,9 @@ def run_precompute(
     too_long = past_context_warning(model_dir, [len(e.input_ids) for e in encoded], "examples")
     if too_long:
         say(too_long)
+    specials = special_text_warning(loaded.examples, tokenizer)
+    if specials and rank == 0:
+        say(specials)
     # Every rank plans against the store before any rank rewrites stored rows.
     with _agreeing(world):
         reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)

@@ -29,6 +29,7 @@ from pact.core.data import FORMATS, Example, load_examples
 from pact.core.distributed import Ranks
 from pact.core.encoding import encode_example
 from pact.core.errors import PactError
+from pact.core.special_text import special_text_warning
 from pact.pipeline.probe import (
     encode_probe,
     probe_drift,
@@ -102,6 +103,9 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
     too_long = models.past_context_warning(config.model, [len(e.input_ids) for e in encoded], "examples")
     if too_long and ranks.is_main:
         tqdm.write(too_long, file=sys.stderr)
+    specials = special_text_warning(examples, tokenizer)
+    if specials and ranks.is_main:
+        tqdm.write(specials, file=sys.stderr)
     reader = None
     if use_targets:
         reader = TargetReader(store, memory_budget_mb=config.targets_memory_mb)
