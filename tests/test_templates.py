@@ -229,12 +229,14 @@ def qwen_store(tokenizers, tmp_path_factory):
     data = root / "train.jsonl"
     rows = [{"instruction": f"Classify the sentiment: {text}", "output": label} for text, label in SST2_ROWS]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tok = tokenizers["qwen2.5"]
     vector = np.zeros(151936, dtype=np.float32)
-    vector[[40, 2121, 6028, 151645]] = [0.6, 0.2, -0.3, -0.5]
+    cjk = tokenize(tok, "你好")[0]
+    vector[[40, 198, 271, 2121, cjk, 151645]] = [0.6, 0.3, 0.1, 0.2, -0.3, -0.5]  # "I", "\n", "\n\n", ...
     safety = safety_set_from_vector(vector)
     table = pa.table({
         "token_id": safety.token_ids, "idx": np.arange(safety.size, dtype=np.int32),
-        "token": [f"t{i}" for i in safety.token_ids], "aligned_prob": np.full(safety.size, 0.1),
+        "token": [tok.decode([i]) for i in safety.token_ids], "aligned_prob": np.full(safety.size, 0.1),
         "base_prob": np.full(safety.size, 0.05), "score": vector[safety.token_ids].astype(np.float64),
         "value": vector[safety.token_ids].astype(np.float64), "weight": safety.weights.astype(np.float64),
         "rank": np.arange(1, safety.size + 1, dtype=np.int32),
@@ -275,3 +277,30 @@ def test_a_store_made_the_other_way_is_refused_in_one_line(qwen_store, tmp_path)
     message = str(result.exception)
     assert "\n" not in message
     assert "stop at the end-of-turn token but --label-after-end-of-turn was given" in message
+
+
+@pytest.mark.slow
+def test_sql_tables_of_real_tokens_are_one_row_per_line(qwen_store):
+    import json
+
+    from click.testing import CliRunner
+
+    from pact.pipeline.commands.sql import sql_command
+    from pact.pipeline.table_text import display_width
+
+    store = str(qwen_store["store"].root)
+    for sql in ("SELECT * FROM safety_tokens ORDER BY token_id",
+                "SELECT example_id, step, context, token_id, token, prob FROM confidences "
+                "WHERE token_id IN (198, 271) ORDER BY ALL LIMIT 12"):  # fmt: skip
+        result = CliRunner().invoke(sql_command, [store, sql])
+        assert result.exit_code == 0, result.output
+        lines = result.output.rstrip("\n").split("\n")
+        count = int(lines[-1].strip("()").split()[0])
+        assert count > 0 and len(lines) == count + 3  # header, rule, rows, count
+        assert len({display_width(line) for line in lines[:-1]}) == 1
+        assert any(" \\n " in line for line in lines) and any(" \\n\\n " in line for line in lines)
+    sql = "SELECT token_id, token FROM safety_tokens WHERE token_id IN (198, 271) ORDER BY token_id"
+    as_json = CliRunner().invoke(sql_command, [store, sql, "--format", "json"])
+    assert json.loads(as_json.output) == [{"token_id": 198, "token": "\n"}, {"token_id": 271, "token": "\n\n"}]
+    as_csv = CliRunner().invoke(sql_command, [store, sql, "--format", "csv"])
+    assert as_csv.output == 'token_id,token\n198,"\n"\n271,"\n\n"\n'
