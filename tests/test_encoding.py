@@ -197,3 +197,13 @@ def test_generation_stops_where_the_labels_stop(newline_tokenizer):
     assert template_turn_end(newline_tokenizer) == (end, tokenize(newline_tokenizer, "\n"))
     assert end_of_turn_ids(newline_tokenizer) == sorted({newline_tokenizer.eos_token_id, end})
     assert stop_token_ids(Model(), newline_tokenizer) == sorted({2, 6, end})
+
+
+def test_turn_end_follows_a_changed_template(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert template_turn_end(tok) == (end, [])
+    tok.chat_template = NEWLINE_TEMPLATE
+    assert template_turn_end(tok) == (end, tokenize(tok, "\n"))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert template_turn_end(tok) is None

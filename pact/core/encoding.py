@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,7 +143,24 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 def template_turn_end(tokenizer: Any) -> tuple[int, list[int]] | None:
     """(end-of-turn id, the ids the template writes after it) for an assistant message,
     from the template rendered on a probe turn; None when the template writes no
-    special token right after the message (then nothing marks the end of a turn)."""
+    special token right after the message (then nothing marks the end of a turn).
+    Remembered per tokenizer, template, eos and vocabulary size (encoding calls it per example)."""
+    key = (chat_template(tokenizer), getattr(tokenizer, "eos_token", None), len(tokenizer))
+    try:
+        cached = _TURN_ENDS.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+        return _template_turn_end(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = (key, _template_turn_end(tokenizer))
+        _TURN_ENDS[tokenizer] = cached
+    turn = cached[1]
+    return None if turn is None else (turn[0], list(turn[1]))
+
+
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _template_turn_end(tokenizer: Any) -> tuple[int, list[int]] | None:
     turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": TURN_PROBE}]
     try:
         text = render(tokenizer, turn, add_generation_prompt=False)
