@@ -309,6 +309,11 @@ class EvalOptions:
     max_new_tokens: int = setting(64, help="Greedy generation length.")
     batch_size: int = setting(16, help="Prompts per generation / probe batch.")
     max_length: int = setting(512, help="Probe encoding length when the store records none.")
+    label_after_end_of_turn: bool = setting(
+        False,
+        help="Probe encoding when the store records none: label what the template writes after its "
+        "end-of-turn token too (the paper's code).",
+    )
     dtype: str = setting(
         "auto", help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=DTYPES
     )
@@ -369,7 +374,7 @@ def _plan_probe(
     """Check, before any model is loaded, that the probe has a reference side."""
     examples = _load(options.probe, require_response=True)
     safety = load_safety_set(store)
-    encoding = probe_encoding_options(manifest, options.max_length)
+    encoding = probe_encoding_options(manifest, options.max_length, options.label_after_end_of_turn)
     encoded = encode_probe(tokenizer, examples, encoding)
     expected = reference_fingerprint(manifest)
     if expected is not None and spec.fingerprint == expected:

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pact.core.encoding import render, tokenize
+from pact.core.encoding import end_of_turn_ids, render, tokenize
 from pact.core.errors import PactError
-
-TURN_PROBE = "pact-turn-probe"
 
 
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -22,40 +20,10 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     return tokenize(tokenizer, render(tokenizer, list(messages), add_generation_prompt=True))
 
 
-def _as_ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the chat template writes right after an assistant message, if any."""
-    turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": TURN_PROBE}]
-    try:
-        text = render(tokenizer, turn, add_generation_prompt=False)
-    except PactError:  # a template that cannot render an assistant turn has no end-of-turn token to find
-        return None
-    at = text.rfind(TURN_PROBE)
-    if at < 0:
-        return None
-    suffix = tokenize(tokenizer, text[at + len(TURN_PROBE) :].lstrip(" "))
-    if suffix and suffix[0] in set(getattr(tokenizer, "all_special_ids", [])):
-        return suffix[0]
-    return None
-
-
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Ids that end a generation: the tokenizer's eos, the model's generation-config eos
-    (one id or a list) and the chat template's end-of-turn special token."""
-    stops = _as_ids(tokenizer.eos_token_id)
-    config = getattr(model, "generation_config", None)
-    stops += _as_ids(getattr(config, "eos_token_id", None))
-    turn = end_of_turn_id(tokenizer)
-    if turn is not None:
-        stops.append(turn)
-    return sorted(set(stops))
+    """Ids that end a generation: `pact.core.encoding.end_of_turn_ids` with the model's
+    generation config (the tokenizer's eos, the config's eos, the template's end-of-turn)."""
+    return end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
 
 
 def _model_device(model: Any) -> Any:

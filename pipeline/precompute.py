@@ -77,6 +77,7 @@ from pact.core.models import (
     resolve_device,
     resolve_dtype,
 )
+from pact.core.special_text import special_text_warning
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import (
@@ -166,6 +167,10 @@ class PrecomputeOptions:
     max_length: int = setting(
         1024, help="Max prompt + response tokens (the response tail is cut); must match training."
     )
+    label_after_end_of_turn: bool = setting(
+        False,
+        help="Label what the chat template writes after its end-of-turn token too (Qwen's, Gemma's, Phi-3's newline), as the paper's code does; recorded in the store. Default: labels and PACT steps stop at end-of-turn.",
+    )
     dtype: str = setting(
         "auto", help="Compute dtype; auto = float32 on CPU, bfloat16 on CUDA.", choices=DTYPES
     )
@@ -209,7 +214,11 @@ class PrecomputeOptions:
             check_choice(self.data_format, FORMATS, "--format")
         if not isinstance(self.shard, Shard):
             raise PactError("PrecomputeOptions.shard must be a Shard (use Shard.parse('i/N'))")
-        EncodingOptions(max_length=self.max_length)
+        self.encoding()
+
+    def encoding(self) -> EncodingOptions:
+        """The shared encoding's options for this run."""
+        return EncodingOptions(max_length=self.max_length, label_after_end_of_turn=self.label_after_end_of_turn)
 
 
 @dataclass
@@ -478,7 +487,7 @@ def _reference_entry(
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "value_dtype": options.value_dtype,
         "safety_tokens": safety.fingerprint,
-        **encoding_fingerprints(tokenizer, EncodingOptions(max_length=options.max_length)),
+        **encoding_fingerprints(tokenizer, options.encoding()),
     }
 
 
@@ -626,7 +635,7 @@ class _Work:
 def _encode_shard(
     tokenizer: Any, examples: list[Any], options: PrecomputeOptions, summary: PrecomputeSummary
 ) -> list[Encoded]:
-    encoding = EncodingOptions(max_length=options.max_length)
+    encoding = options.encoding()
     encoded = []
     for example in examples:
         if not options.shard.owns(example.example_id):
@@ -766,6 +775,9 @@ def run_precompute(
     too_long = past_context_warning(model_dir, [len(e.input_ids) for e in encoded], "examples")
     if too_long:
         say(too_long)
+    specials = special_text_warning(loaded.examples, tokenizer)
+    if specials and rank == 0:
+        say(specials)
     # Every rank plans against the store before any rank rewrites stored rows.
     with distributed.agreeing():
         reference = _reference_entry(model_dir, fingerprint, compute_dtype, options, safety, tokenizer)

@@ -85,17 +85,23 @@ def reference_fingerprint(manifest: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def probe_encoding_options(manifest: dict[str, Any], max_length: int = DEFAULT_PROBE_MAX_LENGTH) -> EncodingOptions:
-    """The store's encoding options (`manifest["reference"]["encoding"]`), else `max_length`."""
+def probe_encoding_options(
+    manifest: dict[str, Any],
+    max_length: int = DEFAULT_PROBE_MAX_LENGTH,
+    label_after_end_of_turn: bool = False,
+) -> EncodingOptions:
+    """The store's encoding options (`manifest["reference"]["encoding"]`), else
+    `max_length` and `label_after_end_of_turn`."""
     recorded = (manifest.get("reference") or {}).get("encoding")
     if isinstance(recorded, dict) and isinstance(recorded.get("encoding"), dict):
         recorded = recorded["encoding"]
     if isinstance(recorded, dict) and "max_length" in recorded:
+        keys = ("max_length", "truncation", "label_after_end_of_turn")
         try:
-            return EncodingOptions(**{k: recorded[k] for k in ("max_length", "truncation") if k in recorded})
+            return EncodingOptions.from_record({k: recorded[k] for k in keys if k in recorded})
         except TypeError as exc:
             raise PactError(f"the store's reference encoding options {recorded!r} are malformed ({exc})") from None
-    return EncodingOptions(max_length=max_length)
+    return EncodingOptions(max_length=max_length, label_after_end_of_turn=label_after_end_of_turn)
 
 
 def encode_probe(tokenizer: Any, examples: Sequence[Example], options: EncodingOptions) -> list[Encoded]:

@@ -57,6 +57,12 @@ class TrainConfig:
         None, help="Row shape of --data; detected when omitted.", flag="--format", choices=FORMATS
     )
     max_length: int | None = setting(None, help="Tokens per example; default: the store's, else 1024.")
+    label_after_end_of_turn: bool = setting(
+        False,
+        help="Label what the chat template writes after its end-of-turn token too (Qwen's, Gemma's, "
+        "Phi-3's newline), as the paper's code does; default: labels stop at end-of-turn. Must match "
+        "the store's targets.",
+    )
     finetune: str = setting("lora", help="LoRA adapters or every weight.", choices=FINETUNE_MODES)
     lora_r: int = setting(8, help="LoRA rank.")
     lora_alpha: float = setting(16.0, help="LoRA alpha.")

@@ -21,6 +21,7 @@ from pact.core.data import Example, load_examples
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, EncodingOptions, encode_example
 from pact.core.errors import PactError
+from pact.core.special_text import special_text_warning
 from pact.pipeline.probe import (
     encode_probe,
     probe_drift,
@@ -80,7 +81,7 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
             raise PactError(
                 f"the safety-token set of {store.root} has only zero weights: the PACT target is undefined"
             )
-    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH)
+    options = encoding_options_for(entry, config.max_length, DEFAULT_MAX_LENGTH, config.label_after_end_of_turn)
     if use_targets:
         check_reference(entry, tokenizer, options, safety, model_fingerprint, config.model)
     elif entry is not None and safety is not None:
@@ -94,6 +95,9 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
     too_long = models.past_context_warning(config.model, [len(e.input_ids) for e in encoded], "examples")
     if too_long and ranks.is_main:
         tqdm.write(too_long, file=sys.stderr)
+    specials = special_text_warning(examples, tokenizer)
+    if specials and ranks.is_main:
+        tqdm.write(specials, file=sys.stderr)
     reader = None
     if use_targets:
         reader = TargetReader(store, memory_budget_mb=config.targets_memory_mb)

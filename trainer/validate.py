@@ -33,12 +33,18 @@ def reference_entry(manifest: dict[str, Any], store_root: Any) -> dict[str, Any]
 
 
 def encoding_options_for(
-    entry: dict[str, Any] | None, max_length: int | None, default_max_length: int
+    entry: dict[str, Any] | None,
+    max_length: int | None,
+    default_max_length: int,
+    label_after_end_of_turn: bool = False,
 ) -> EncodingOptions:
     """The encoding the store's targets were computed with (an explicit `max_length`
-    must agree with it); without a store entry, `max_length` or the default."""
+    and the `label_after_end_of_turn` choice must agree with it); without a store
+    entry, `max_length` or the default."""
     if entry is None:
-        return EncodingOptions(max_length=max_length or default_max_length)
+        return EncodingOptions(
+            max_length=max_length or default_max_length, label_after_end_of_turn=label_after_end_of_turn
+        )
     stored = entry.get("encoding") or {}
     stored_length = stored.get("max_length")
     if max_length is not None and stored_length != max_length:
@@ -47,9 +53,26 @@ def encoding_options_for(
             "(its targets were computed with it); omit --max-length or rerun pact precompute"
         )
     try:
-        return EncodingOptions(**stored)
+        options = EncodingOptions.from_record(stored)
     except TypeError:
         raise PactError(f"the store records unknown encoding options {stored!r}; {RERUN}") from None
+    if options.label_after_end_of_turn != label_after_end_of_turn:
+        raise PactError(end_of_turn_mismatch(options.label_after_end_of_turn))
+    return options
+
+
+def end_of_turn_mismatch(stored: bool) -> str:
+    """The one line refusing targets made under the other end-of-turn rule."""
+    if stored:
+        return (
+            "the store's targets label the tokens after the end-of-turn token (made with "
+            "--label-after-end-of-turn, or by a pact before the end-of-turn rule): stale for this run; "
+            f"{RERUN}, or pass --label-after-end-of-turn to reproduce the paper's code"
+        )
+    return (
+        "the store's targets stop at the end-of-turn token but --label-after-end-of-turn was given: "
+        f"drop it, or {RERUN} --label-after-end-of-turn"
+    )
 
 
 def _mismatch(what: str, stored: Any, current: Any) -> PactError:
@@ -76,7 +99,14 @@ def check_encoding(entry: dict[str, Any], tokenizer: Any, options: EncodingOptio
             f"store targets were computed with another assistant header "
             f"({entry.get('assistant_header')!r} != {current['assistant_header']!r}); {RERUN}"
         )
-    if entry.get("encoding") != current["encoding"]:
+    recorded = entry.get("encoding")
+    try:
+        stored = EncodingOptions.from_record(recorded).to_dict() if isinstance(recorded, dict) else recorded
+    except (TypeError, PactError):
+        stored = recorded
+    if stored != current["encoding"]:
+        if isinstance(stored, dict) and stored.get("label_after_end_of_turn") != options.label_after_end_of_turn:
+            raise PactError(end_of_turn_mismatch(stored["label_after_end_of_turn"]))
         raise PactError(
             f"store targets were computed with other encoding options ({entry.get('encoding')} != {current['encoding']}); {RERUN}"
         )

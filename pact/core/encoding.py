@@ -4,12 +4,22 @@ tokenizer + example + options -> input_ids, labels (-100 on the prompt), the
 response span and hashes of the token ids. The position convention: step t
 (0-based) is the distribution that predicts response token t, i.e. the logits
 at input position `response_start - 1 + t`.
+
+The response ends at the template's end-of-turn token: the labels (and PACT's
+steps) run from the first assistant token through the special token the template
+writes right after the assistant message (`<|im_end|>`, `<|eot_id|>`,
+`<end_of_turn>`, `<|end|>`, eos). What the template writes after it (the newline of
+Qwen, Gemma and Phi-3; Phi-3's eos) is never generated, so it is no label and no
+step, and it is left out of input_ids altogether: nothing after the last label
+changes a loss or a target. `EncodingOptions.label_after_end_of_turn` keeps those
+tokens as labels, the way the paper's code trains them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +34,7 @@ IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("response_tail",)
 HEADER_FALLBACK = "Assistant:"
 DUMMY_TURN = [{"role": "user", "content": "hello"}]
+TURN_PROBE = "pact-turn-probe"
 
 # Used for tokenizers that ship no chat template; recorded in the template fingerprint.
 FALLBACK_CHAT_TEMPLATE = (
@@ -43,6 +54,8 @@ class EncodingOptions:
 
     max_length: int = 1024
     truncation: str = "response_tail"
+    # True: label what the template writes after the end-of-turn token too (the paper's code)
+    label_after_end_of_turn: bool = False
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -52,6 +65,13 @@ class EncodingOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> EncodingOptions:
+        """The options a store or run recorded. A record without `label_after_end_of_turn`
+        comes from a pact that labelled past the end-of-turn token: True. TypeError on
+        unknown keys."""
+        return cls(**{"label_after_end_of_turn": True, **recorded})
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,89 @@ def tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special tokens, text -> id: its named ones (bos, eos, pad, ...,
+    additional) and every added token marked special (Phi-3's `<|end|>` is only that)."""
+    specials = {
+        str(t): int(i)
+        for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=False)
+        if i is not None
+    }
+    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            specials[str(token)] = int(token_id)
+    return {text: i for text, i in specials.items() if text}
+
+
+def template_turn_end(tokenizer: Any) -> tuple[int, list[int]] | None:
+    """(end-of-turn id, the ids the template writes after it) for an assistant message,
+    from the template rendered on a probe turn; None when the template writes no
+    special token right after the message (then nothing marks the end of a turn).
+    Remembered per tokenizer, template, eos and vocabulary size (encoding calls it per example)."""
+    key = (chat_template(tokenizer), getattr(tokenizer, "eos_token", None), len(tokenizer))
+    try:
+        cached = _TURN_ENDS.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+        return _template_turn_end(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = (key, _template_turn_end(tokenizer))
+        _TURN_ENDS[tokenizer] = cached
+    turn = cached[1]
+    return None if turn is None else (turn[0], list(turn[1]))
+
+
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _template_turn_end(tokenizer: Any) -> tuple[int, list[int]] | None:
+    turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": TURN_PROBE}]
+    try:
+        text = render(tokenizer, turn, add_generation_prompt=False)
+    except PactError:  # a template that cannot render an assistant turn has no end-of-turn token to find
+        return None
+    at = text.rfind(TURN_PROBE)
+    if at < 0:
+        return None
+    suffix = tokenize(tokenizer, text[at + len(TURN_PROBE) :].lstrip(" "))
+    if suffix and suffix[0] in set(special_token_ids(tokenizer).values()):
+        return suffix[0], suffix[1:]
+    return None
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def end_of_turn_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Ids that end an assistant turn, sorted: the tokenizer's eos, the chat template's
+    end-of-turn special token and, when given, the generation config's eos (one id or
+    a list). Generation stops at any of them; the encoding's labels stop at the one the
+    template writes (`template_turn_end`)."""
+    ids = _as_ids(tokenizer.eos_token_id) + _as_ids(getattr(generation_config, "eos_token_id", None))
+    turn = template_turn_end(tokenizer)
+    if turn is not None:
+        ids.append(turn[0])
+    return sorted(set(ids))
+
+
+def through_end_of_turn(response_ids: list[int], turn: tuple[int, list[int]] | None) -> list[int]:
+    """The response ids through the template's end-of-turn token: its trailing ids
+    (`template_turn_end`) dropped, else everything after the last end-of-turn id;
+    unchanged when the template has no end-of-turn token or the response holds none."""
+    if turn is None:
+        return response_ids
+    end, trailing = turn
+    cut = len(response_ids) - len(trailing)
+    if cut > 0 and response_ids[cut - 1] == end and response_ids[cut:] == trailing:
+        return response_ids[:cut]
+    last = max((i for i, t in enumerate(response_ids) if t == end), default=None)
+    return response_ids if last is None else response_ids[: last + 1]
+
+
 def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -> Encoded:
     """Encode one example through the chat template (see module docstring)."""
     messages = [dict(m) for m in example.messages]
@@ -118,6 +221,8 @@ def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -
         )
     prompt_ids = tokenize(tokenizer, prompt_text)
     response_ids = tokenize(tokenizer, full_text[len(prompt_text) :])
+    if not options.label_after_end_of_turn:
+        response_ids = through_end_of_turn(response_ids, template_turn_end(tokenizer))
     if not prompt_ids:
         raise PactError(f"example {example.example_id}: the response starts at position 0 (empty prompt encoding)")
     if not response_ids:
@@ -146,9 +251,13 @@ def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -
 
 
 def assistant_header_text(tokenizer: Any) -> str:
-    """What add_generation_prompt adds on a dummy user turn; `Assistant:` when blank."""
+    """What add_generation_prompt adds on a dummy user turn; `Assistant:` when blank.
+    A template that ends a conversation with eos instead (Phi-3) is compared without it."""
     without = render(tokenizer, DUMMY_TURN, add_generation_prompt=False)
     with_prompt = render(tokenizer, DUMMY_TURN, add_generation_prompt=True)
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and not with_prompt.startswith(without) and without.endswith(eos):
+        without = without[: -len(eos)]
     header = with_prompt[len(without) :] if with_prompt.startswith(without) else ""
     return header if header.strip() else HEADER_FALLBACK
 

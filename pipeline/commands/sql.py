@@ -11,6 +11,7 @@ import math
 import click
 
 from pact.core.errors import PactError
+from pact.pipeline.table_text import display_width, escape_control, pad
 from pact.store.manifest import Store
 from pact.store.sql import check_attachments, query
 
@@ -26,12 +27,14 @@ def _cell(value: object) -> str:
 
 
 def format_table(columns: list[str], rows: list[tuple]) -> str:
-    """A plain aligned text table."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    """A plain aligned text table: one line per row (control characters escaped),
+    columns aligned by display width (pipeline/table_text.py)."""
+    heads = [escape_control(c) for c in columns]
+    cells = [[escape_control(_cell(v)) for v in row] for row in rows]
+    widths = [max([display_width(c)] + [display_width(r[i]) for r in cells]) for i, c in enumerate(heads)]
+    lines = [" | ".join(pad(c, w) for c, w in zip(heads, widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    lines += [" | ".join(pad(v, w) for v, w in zip(r, widths, strict=True)) for r in cells]
     lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(lines)
 

@@ -16,9 +16,11 @@ from pact.core.encoding import (
     assistant_header_text,
     encode_example,
     encoding_fingerprints,
+    end_of_turn_ids,
     hash_ids,
     post_only_ids,
     render,
+    template_turn_end,
     tokenize,
 )
 from pact.core.errors import PactError
@@ -123,3 +125,85 @@ def test_bad_options():
         EncodingOptions(max_length=1)
     with pytest.raises(PactError, match="unknown truncation policy"):
         EncodingOptions(truncation="left")
+
+
+# A template that writes a newline after its end-of-turn token, as Qwen, Gemma and Phi-3 do.
+NEWLINE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def newline_tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = NEWLINE_TEMPLATE
+    return tok
+
+
+def test_labels_stop_at_end_of_turn(newline_tokenizer):
+    tok = newline_tokenizer
+    ex = example([{"role": "user", "content": "hi"}], "Sure")
+    enc = encode_example(tok, ex, EncodingOptions(64))
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert tok.decode(enc.response_ids) == "Sure<|end|>"
+    assert enc.input_ids[-1] == end and enc.labels[-1] == end  # the "\n" after it is not even context
+    assert enc.response_start + enc.response_length == len(enc.input_ids)
+    old = encode_example(tok, ex, EncodingOptions(64, label_after_end_of_turn=True))
+    assert tok.decode(old.response_ids) == "Sure<|end|>\n"
+    assert old.input_ids[:-1].tolist() == enc.input_ids.tolist() and old.token_hash != enc.token_hash
+
+
+def test_end_of_turn_rule_is_in_the_fingerprint(newline_tokenizer):
+    new = encoding_fingerprints(newline_tokenizer, EncodingOptions(64))["encoding"]
+    old = encoding_fingerprints(newline_tokenizer, EncodingOptions(64, label_after_end_of_turn=True))["encoding"]
+    assert new["label_after_end_of_turn"] is False and old["label_after_end_of_turn"] is True
+
+
+def test_a_record_without_the_rule_is_the_old_behaviour():
+    assert EncodingOptions.from_record({"max_length": 64, "truncation": "response_tail"}).label_after_end_of_turn
+    assert not EncodingOptions.from_record(EncodingOptions(64).to_dict()).label_after_end_of_turn
+
+
+def test_stores_made_the_other_way_are_refused_in_one_line(newline_tokenizer):
+    from pact.trainer.validate import check_encoding, encoding_options_for
+
+    legacy = {"encoding": {"max_length": 64, "truncation": "response_tail"}}  # a store before the rule
+    with pytest.raises(PactError, match=r"label the tokens after the end-of-turn token .* stale for this run") as err:
+        encoding_options_for(legacy, None, 1024)
+    assert "\n" not in str(err.value) and "--label-after-end-of-turn" in str(err.value)
+    assert encoding_options_for(legacy, None, 1024, label_after_end_of_turn=True).label_after_end_of_turn
+    made_new = {"encoding": EncodingOptions(64).to_dict()}
+    with pytest.raises(PactError, match="stop at the end-of-turn token but --label-after-end-of-turn was given"):
+        encoding_options_for(made_new, None, 1024, label_after_end_of_turn=True)
+
+    entry = encoding_fingerprints(newline_tokenizer, EncodingOptions(64))
+    check_encoding(entry, newline_tokenizer, EncodingOptions(64))
+    with pytest.raises(PactError, match="stop at the end-of-turn token but --label-after-end-of-turn was given"):
+        check_encoding(entry, newline_tokenizer, EncodingOptions(64, label_after_end_of_turn=True))
+    legacy_entry = dict(entry, encoding={"max_length": 64, "truncation": "response_tail"})
+    check_encoding(legacy_entry, newline_tokenizer, EncodingOptions(64, label_after_end_of_turn=True))
+    with pytest.raises(PactError, match="label the tokens after the end-of-turn token"):
+        check_encoding(legacy_entry, newline_tokenizer, EncodingOptions(64))
+
+
+def test_generation_stops_where_the_labels_stop(newline_tokenizer):
+    from pact.pipeline.generation import stop_token_ids
+
+    class Model:
+        generation_config = type("Config", (), {"eos_token_id": [6, 2]})()
+
+    end = newline_tokenizer.convert_tokens_to_ids("<|end|>")
+    assert template_turn_end(newline_tokenizer) == (end, tokenize(newline_tokenizer, "\n"))
+    assert end_of_turn_ids(newline_tokenizer) == sorted({newline_tokenizer.eos_token_id, end})
+    assert stop_token_ids(Model(), newline_tokenizer) == sorted({2, 6, end})
+
+
+def test_turn_end_follows_a_changed_template(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert template_turn_end(tok) == (end, [])
+    tok.chat_template = NEWLINE_TEMPLATE
+    assert template_turn_end(tok) == (end, tokenize(tok, "\n"))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert template_turn_end(tok) is None
