@@ -139,6 +139,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the model with FSDP instead of DDP (full fine-tuning)
     probe: str | None = None  # safety set (prompt, refusal) for the drift probe
     probe_every: int = 0  # optimizer steps between drift probes; 0 = no probe
+    probe_batch_size: int = 16  # probe examples per forward pass
 
 
 @dataclass
@@ -271,6 +272,7 @@ def check_config(config: TrainConfig) -> None:
         raise PactError("TrainConfig.pact must be a trainer.loss.PactConfig")
     _number(config.targets_memory_mb, "--targets-memory-mb", minimum=0.0, inclusive=False)
     _positive_int(config.probe_every, "--probe-every", 0)
+    _positive_int(config.probe_batch_size, "--probe-batch-size")
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
     if config.probe is not None and not config.probe_every:

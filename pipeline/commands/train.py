@@ -153,6 +153,13 @@ _PACT = PactConfig()
     help="Run the drift probe every N optimizer steps (metrics probe_kl, probe_mass); 0 = never.",
 )
 @click.option(
+    "--probe-batch-size",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Probe examples per forward pass (only their response steps go through the LM head).",
+)
+@click.option(
     "--run-id",
     default=None,
     help="Name of the run in the store's metrics table; default: the --out folder name.",
