@@ -15,6 +15,7 @@ from pact.core.head_ops import (
     selected_rows,
     subset_logprobs,
 )
+from pact.pipeline.generation import HEAD_MODES, _greedy_batch, head_mode
 from pact.pipeline.tokens import accumulate_stage_zero, response_rows
 
 VOCAB = 96
@@ -193,3 +194,33 @@ def test_stage_zero_chunks_equal_the_full_batch_computation(diff_mode: str, budg
         expected = _naive_stage_zero(aligned, base, batch, temperature=1.7, diff_mode=diff_mode)
     for name, got, want in zip(("score", "mass", "base mass"), sums, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def _naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding of one unpadded prompt from the full logits, no KV cache."""
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("mode", HEAD_MODES)
+@pytest.mark.parametrize("make", [lambda: _llama(tied=False), _gemma2])
+def test_generation_keeps_only_the_last_logits_and_the_same_tokens(make, mode: str) -> None:
+    model = make()
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (5, 9, 2)]
+    no_stop = torch.tensor([-1])
+    with torch.no_grad():
+        got = _greedy_batch(model, prompts, 0, no_stop, 6, mode)
+        expected = [_naive_greedy(model, p, 6) for p in prompts]
+    assert got == expected
+
+
+def test_head_mode_prefers_logits_to_keep_then_the_body() -> None:
+    model = _llama(tied=False)
+    assert head_mode(model) == "logits_to_keep"
+    assert head_mode(_NoBody(model)) == "forward"  # neither logits_to_keep nor a body
+    with_body = _NoBody(model)
+    with_body.model = model.model
+    assert head_mode(with_body) == "body"
