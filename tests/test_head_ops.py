@@ -224,3 +224,51 @@ def test_head_mode_prefers_logits_to_keep_then_the_body() -> None:
     with_body = _NoBody(model)
     with_body.model = model.model
     assert head_mode(with_body) == "body"
+
+
+WRAPPED_PROBE = """
+import sys
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from pact.core import distributed
+from pact.core.encoding import Encoded
+from pact.pipeline.probe import safety_logprobs
+
+torch.manual_seed(0)
+config = LlamaConfig(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+)
+model = LlamaForCausalLM(config)
+generator = torch.Generator().manual_seed(4)
+encoded = []
+for i, (length, start) in enumerate([(9, 4), (6, 1), (12, 7)]):
+    ids = torch.randint(3, 96, (length,), generator=generator).numpy()
+    encoded.append(Encoded(f"e{i}", ids, ids, start, length - start, "", "", False))
+safety = np.array([0, 5, 40, 95])
+alone = safety_logprobs(model, encoded, safety, batch_size=2)
+with distributed.process_group("cpu") as ranks:
+    wrapped = distributed.wrap_model(model, ranks, "cpu", fsdp=sys.argv[1] == "fsdp")
+    wrapped.train()
+    got = safety_logprobs(wrapped, encoded, safety, batch_size=2)  # before any forward
+    assert wrapped.training
+    wrapped(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()  # training goes on
+for a, b in zip(alone, got, strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+print("probe-ok", ranks.rank)
+"""
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_the_probe_reads_through_ddp_and_fsdp(wrapper: str, tmp_path) -> None:
+    """Under torchrun the probe gets the wrapped model: DDP is unwrapped, and an FSDP root
+    is initialised and gathered while its body and head are called apart (at step 0 the
+    probe runs before any forward: a layer must not become the root)."""
+    from test_distributed import torchrun
+
+    script = tmp_path / "probe.py"
+    script.write_text(WRAPPED_PROBE)
+    launch = torchrun(tmp_path, str(script), wrapper)
+    assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
+    assert launch.stdout.count("probe-ok") == 2

@@ -46,11 +46,15 @@ def unwrap(model: Any) -> Any:
 
 @contextlib.contextmanager
 def root_unsharded(model: Any) -> Iterator[Any]:
-    """The model, with an FSDP2 root's own parameters (embeddings, final norm, head)
-    gathered while the body and the head are called separately; a no-op otherwise."""
+    """The model (unwrapped from DDP), with an FSDP2 root's own parameters (embeddings,
+    final norm, head) gathered while the body and the head are called separately; the
+    root is initialised first, as its forward would, so its layers do not take the root's
+    role. A collective under FSDP: every rank enters it."""
     model = unwrap(model)
-    sharded = callable(getattr(model, "unshard", None)) and callable(getattr(model, "reshard", None))
+    fsdp_state = getattr(model, "_get_fsdp_state", None)
+    sharded = callable(fsdp_state) and callable(getattr(model, "reshard", None))
     if sharded:
+        fsdp_state()._lazy_init()
         model.unshard()
     try:
         yield model
