@@ -272,3 +272,18 @@ def test_the_probe_reads_through_ddp_and_fsdp(wrapper: str, tmp_path) -> None:
     launch = torchrun(tmp_path, str(script), wrapper)
     assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
     assert launch.stdout.count("probe-ok") == 2
+
+
+def test_a_peft_model_goes_through_its_adapted_head() -> None:
+    """LoRA on attention and on the LM head itself (non-zero adapters): the body and the
+    head found through the peft wrapper give the wrapped model's own log-probs."""
+    from peft import LoraConfig, get_peft_model
+
+    adapted = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(_llama(tied=False), adapted).eval()
+    ids, mask = _batch([7, 4])
+    positions = _positions([(2, 7), (0, 4)])
+    with torch.no_grad():
+        got = subset_logprobs(selected_rows(model, ids, mask, positions), torch.arange(VOCAB), 2 * VOCAB)
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    torch.testing.assert_close(got, full[positions[:, 0], positions[:, 1]], rtol=1e-6, atol=1e-6)
