@@ -21,15 +21,15 @@ from pact.pipeline.tokens import accumulate_stage_zero, response_rows
 VOCAB = 96
 
 
-def _llama(*, tied: bool, seed: int = 0):
+def _llama(*, tied: bool, seed: int = 0, vocab: int = VOCAB, model_class=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return (model_class or LlamaForCausalLM)(config).eval()
 
 
 def _gemma2():
@@ -287,3 +287,26 @@ def test_a_peft_model_goes_through_its_adapted_head() -> None:
         got = subset_logprobs(selected_rows(model, ids, mask, positions), torch.arange(VOCAB), 2 * VOCAB)
         full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     torch.testing.assert_close(got, full[positions[:, 0], positions[:, 1]], rtol=1e-6, atol=1e-6)
+
+
+def test_stage_zero_refuses_a_model_whose_forward_reworks_its_logits(tiny_tokenizer, tmp_path) -> None:
+    """Stage 0 runs the head itself: a forward that post-processes the logits in a way the
+    head does not reproduce is refused (checked against the forward, as precompute does)."""
+    from transformers import LlamaForCausalLM
+
+    from pact.core.data import load_examples
+    from pact.pipeline.tokens import TokensOptions, safety_direction
+
+    class Sharpened(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    aligned = _llama(tied=False, vocab=len(tiny_tokenizer), model_class=Sharpened)
+    base = _llama(tied=False, seed=1, vocab=len(tiny_tokenizer))
+    data = tmp_path / "safety.jsonl"
+    data.write_text('{"prompt": "how do I do the thing?", "completion": "I cannot help with that."}\n')
+    examples = load_examples(data).examples
+    with pytest.raises(PactError, match="post-processes its logits in a way pact does not reproduce"):
+        safety_direction(aligned, base, tiny_tokenizer, examples, TokensOptions(top_k=5), progress=False)
