@@ -3,7 +3,9 @@
 Prompts are token-id lists (chat template already applied). A batch is left-padded
 to its longest prompt, positions count only real tokens, and decoding is pure
 argmax with a KV cache until every row hit a stop token or `max_new_tokens`, so a
-prompt's generation does not depend on the batch it sits in.
+prompt's generation does not depend on the batch it sits in. Each step computes the
+logits of the last position only (the prefill too): `logits_to_keep=1` where the
+model's forward takes it, else the decoder body and the LM head on the last row.
 """
 
 from __future__ import annotations
@@ -30,19 +32,50 @@ def _model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _cache_argument(model: Any) -> str:
+def _cache_argument(module: Any) -> str:
     """The forward() keyword for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
     parameters = inspect.signature(base.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+HEAD_MODES = ("logits_to_keep", "body", "forward")
+
+
+def head_mode(model: Any) -> str:
+    """How a decoding step gets the last position's logits without the others':
+    `logits_to_keep` (the model's forward takes `logits_to_keep=1`), `body` (the decoder
+    body, then the LM head on the last row), else `forward` (all positions' logits)."""
+    from pact.core.head_ops import accepts_logits_to_keep, find_body
+
+    if accepts_logits_to_keep(model):
+        return "logits_to_keep"
+    return "body" if find_body(model) is not None else "forward"
+
+
+def _next_logits(model: Any, mode: str, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """(next-token logits [B, V] at the last position, the updated KV cache) of one step."""
+    from pact.core.head_ops import find_body, last_position_logits
+
+    if mode == "body":
+        body = find_body(model)
+        argument = _cache_argument(body)
+        out = body(use_cache=True, **{argument: cache}, **inputs)
+        cache = out[argument] if argument in out else out.get("past_key_values")
+        return last_position_logits(model, out.last_hidden_state), cache
+    argument = _cache_argument(model)
+    keep = {"logits_to_keep": 1} if mode == "logits_to_keep" else {}
+    out = model(use_cache=True, **{argument: cache}, **keep, **inputs)
+    cache = out[argument] if argument in out else out.get("past_key_values")
+    return out.logits[:, -1, :], cache
+
+
 def _greedy_batch(
-    model: Any, prompts: list[list[int]], pad_id: int, stops: Any, max_new_tokens: int
+    model: Any, prompts: list[list[int]], pad_id: int, stops: Any, max_new_tokens: int, mode: str
 ) -> list[list[int]]:
-    """Greedy continuation ids of one batch (stop token excluded)."""
+    """Greedy continuation ids of one batch (stop token excluded); `mode` from `head_mode`."""
     import torch
 
     device = _model_device(model)
@@ -56,19 +89,14 @@ def _greedy_batch(
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     produced: list[torch.Tensor] = []
-    cache_argument = _cache_argument(model)
     cache = None
     step_ids, step_positions = input_ids, positions
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attention,
-            position_ids=step_positions,
-            use_cache=True,
-            **{cache_argument: cache},
+        logits, cache = _next_logits(
+            model, mode, cache, input_ids=step_ids, attention_mask=attention, position_ids=step_positions
         )
-        cache = out[cache_argument] if cache_argument in out else out.get("past_key_values")
-        next_ids = out.logits[:, -1, :].argmax(dim=-1)
+        next_ids = logits.argmax(dim=-1)
+        del logits
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         produced.append(next_ids)
         finished |= torch.isin(next_ids, stops)
@@ -116,6 +144,7 @@ def greedy_generate(
     stops = torch.tensor(stop_token_ids(model, tokenizer) or [-1], dtype=torch.long, device=_model_device(model))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
+    mode = head_mode(model)
     was_training = model.training
     model.eval()
     try:
@@ -123,7 +152,7 @@ def greedy_generate(
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = [list(prompts[i]) for i in chunk]
-                for i, ids in zip(chunk, _greedy_batch(model, batch, pad_id, stops, max_new_tokens), strict=True):
+                for i, ids in zip(chunk, _greedy_batch(model, batch, pad_id, stops, max_new_tokens, mode), strict=True):
                     outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
                 bar.update(len(chunk))
     finally:

@@ -40,6 +40,7 @@ PROBE_DIR = "probe"
 PROBE_META_KEY = b"pact.probe"
 PROBE_FORMAT_VERSION = 1
 DEFAULT_PROBE_MAX_LENGTH = 512
+DEFAULT_PROBE_BATCH_SIZE = 16
 MISSING_REFERENCE = "evaluate the reference model first or pass --reference"
 
 
@@ -110,45 +111,55 @@ def encode_probe(tokenizer: Any, examples: Sequence[Example], options: EncodingO
 
 
 def safety_logprobs(
-    model: Any, encoded: Sequence[Encoded], safety_ids: np.ndarray, *, batch_size: int = 16
+    model: Any,
+    encoded: Sequence[Encoded],
+    safety_ids: np.ndarray,
+    *,
+    batch_size: int = DEFAULT_PROBE_BATCH_SIZE,
 ) -> list[np.ndarray]:
     """Teacher-forced full-vocab log-probs of the safety ids: one float32 [T_i, S] per example.
 
     Step t is the distribution at input position response_start - 1 + t. Batches are
-    right-padded; the model's train/eval mode is restored afterwards.
+    right-padded; only the response steps' hidden states go through the LM head, at
+    most `pact.core.head_ops.DEFAULT_HEAD_BUDGET` logits at a time. The model's train/eval
+    mode is restored afterwards.
     """
     import torch
 
+    from pact.core.head_ops import head_rows, root_unsharded, selected_rows, subset_logprobs
+
     if batch_size < 1:
         raise PactError(f"batch_size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(np.asarray(safety_ids, dtype=np.int64), device=device)
     results: list[np.ndarray] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), root_unsharded(model) as inner:
+            device = next(inner.parameters()).device
+            vocab = head_rows(inner)
+            if int(np.max(safety_ids)) >= vocab:
+                raise PactError(
+                    f"safety token id {int(np.max(safety_ids))} is outside the model's vocabulary "
+                    f"({vocab} logits): the store belongs to another tokenizer"
+                )
+            ids = torch.as_tensor(np.asarray(safety_ids, dtype=np.int64), device=device)
             for start in range(0, len(encoded), batch_size):
                 batch = encoded[start : start + batch_size]
                 width = max(len(e.input_ids) for e in batch)
                 input_ids = torch.zeros((len(batch), width), dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)
+                positions = []
                 for row, item in enumerate(batch):
                     input_ids[row, : len(item.input_ids)] = torch.from_numpy(item.input_ids)
                     attention[row, : len(item.input_ids)] = 1
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-                ).logits
-                if int(ids.max()) >= logits.shape[-1]:
-                    raise PactError(
-                        f"safety token id {int(ids.max())} is outside the model's vocabulary "
-                        f"({logits.shape[-1]} logits): the store belongs to another tokenizer"
-                    )
-                for row, item in enumerate(batch):
                     first = item.response_start - 1
-                    rows = logits[row, first : first + item.response_length].float()
-                    logprobs = torch.log_softmax(rows, dim=-1).index_select(-1, ids)
-                    results.append(logprobs.cpu().numpy().astype(np.float32))
+                    positions += [(row, first + t) for t in range(item.response_length)]
+                rows = selected_rows(
+                    inner, input_ids.to(device), attention.to(device), torch.tensor(positions, dtype=torch.long)
+                )
+                logprobs = subset_logprobs(rows, ids).cpu().numpy()
+                offsets = np.cumsum([0] + [item.response_length for item in batch])
+                results += [logprobs[offsets[i] : offsets[i + 1]] for i in range(len(batch))]
     finally:
         model.train(was_training)
     return results
@@ -302,7 +313,7 @@ def probe_drift(
     store: Store,
     examples: Sequence[Example],
     *,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_PROBE_BATCH_SIZE,
     max_length: int = DEFAULT_PROBE_MAX_LENGTH,
 ) -> ProbeResult:
     """Drift of an in-memory causal LM against the store's cached reference probe.

@@ -16,7 +16,6 @@ logits that predict refusal token t) p_A,t = softmax(z_A,t / tau), p_B,t likewis
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -178,64 +177,82 @@ def _model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def response_logprobs(
+def response_rows(
     model: Any,
     prompts: Sequence[Sequence[int]],
     refusals: Sequence[Sequence[int]],
     *,
-    temperature: float,
     pad_id: int,
-) -> tuple[Any, Any]:
-    """log softmax(z / temperature) in float32 at every refusal step of a batch.
+) -> Any:
+    """The rows whose logits predict the refusal tokens of a batch, example by example.
 
     Sequence i is prompts[i] + refusals[i][:-1] (the last refusal token is never an
     input), right-padded, so its positions are 0..n-1 as in an unpadded pass. Step t
-    of sequence i is the logits at position len(prompts[i]) - 1 + t.
-    Returns (log-probs float32 [B, R_max, V], step mask bool [B, R_max]).
+    of sequence i is position len(prompts[i]) - 1 + t; the rows come in the order
+    (example 0, steps 0..R_0-1), (example 1, ...), ... (`pact.core.head_ops.HeadRows`).
     """
     import torch
 
+    from pact.core.head_ops import selected_rows
+
     device = _model_device(model)
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    response_lengths = torch.tensor([len(r) for r in refusals])
-    if int(prompt_lengths.min()) < 1 or int(response_lengths.min()) < 1:
+    prompt_lengths = [len(p) for p in prompts]
+    response_lengths = [len(r) for r in refusals]
+    if min(prompt_lengths) < 1 or min(response_lengths) < 1:
         raise PactError("a stage-0 sequence has an empty prompt or refusal")
-    lengths = prompt_lengths + response_lengths - 1
-    width = int(lengths.max())
+    width = max(p + r - 1 for p, r in zip(prompt_lengths, response_lengths, strict=True))
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    positions = []
     for row, (prompt, refusal) in enumerate(zip(prompts, refusals, strict=True)):
         ids = list(prompt) + list(refusal)[:-1]
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, : len(ids)] = 1
-    first = int(prompt_lengths.min()) - 1  # earliest position any row needs
-    kwargs: dict[str, Any] = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = torch.arange(first, width, device=device)
-    else:
-        first = 0
-    logits = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention.to(device),
-        use_cache=False,
-        **kwargs,
-    ).logits
-    if logits.shape[1] != width - first:
-        raise PactError(
-            f"the model returned logits for {logits.shape[1]} positions, expected {width - first}"
-        )
-    steps = torch.arange(int(response_lengths.max()))
-    step_mask = steps[None, :] < response_lengths[:, None]
-    columns = (prompt_lengths[:, None] - 1 + steps[None, :] - first).clamp(0, width - first - 1)
-    picked = torch.take_along_dim(logits, columns[..., None].to(logits.device), dim=1)
-    return torch.log_softmax(picked.float() / temperature, dim=-1), step_mask.to(logits.device)
+        positions += [(row, len(prompt) - 1 + t) for t in range(len(refusal))]
+    return selected_rows(
+        model, input_ids.to(device), attention.to(device), torch.tensor(positions, dtype=torch.long)
+    )
+
+
+def accumulate_stage_zero(
+    rows_a: Any,
+    rows_b: Any,
+    step_weights: Any,
+    sums: tuple[Any, Any, Any],
+    *,
+    temperature: float,
+    diff_mode: str,
+    budget: int,
+) -> None:
+    """Add one batch's per-example step means to the running sums (score d, mass P, base mass).
+
+    rows_a, rows_b: the aligned and base rows (`pact.core.head_ops.HeadRows`) of the same
+    (example, step) pairs, N each; step_weights: float32 [N], 1 / (steps of the row's
+    example); sums: float32 [V] each, updated in place. p = softmax(logits / temperature)
+    in float32, `budget` elements of [rows, V] logits at a time, so no [N, V] tensor exists.
+    """
+    import torch
+
+    from pact.core.head_ops import logit_chunks
+
+    score_sum, aligned_sum, base_sum = sums
+    device = score_sum.device
+    chunks_b = logit_chunks(rows_b, budget)
+    for start, stop, logits_a in logit_chunks(rows_a, budget):
+        _, _, logits_b = next(chunks_b)
+        log_a = torch.log_softmax(logits_a.to(device) / temperature, dim=-1)
+        log_b = torch.log_softmax(logits_b.to(device) / temperature, dim=-1)
+        del logits_a, logits_b
+        p_a, p_b = log_a.exp(), log_b.exp()
+        if diff_mode == "p_diff":
+            per_step = p_a - p_b
+        else:
+            per_step = torch.where(p_a > 0, p_a * (log_b - log_a), torch.zeros_like(p_a))
+        weights = step_weights[start:stop].to(device)
+        score_sum += per_step.T.mv(weights)
+        aligned_sum += p_a.T.mv(weights)
+        base_sum += p_b.T.mv(weights)
+        del log_a, log_b, p_a, p_b, per_step
 
 
 def direction_from_scores(score: Any, aligned_mass: Any, top_k: int) -> Any:
@@ -285,6 +302,9 @@ def safety_direction(
     import torch
     from tqdm import tqdm
 
+    from pact.core.head_ops import DEFAULT_HEAD_BUDGET, find_body
+    from pact.pipeline.precompute import check_head_matches_forward
+
     vocab = vocabulary_rows(aligned)
     if vocabulary_rows(base) != vocab:
         raise PactError(
@@ -312,34 +332,29 @@ def safety_direction(
             total=len(inputs), desc="stage 0", unit="ex", file=sys.stderr, disable=not progress
         ) as bar,
     ):
+        for model, prompt in ((aligned, inputs[0].aligned_prompt_ids), (base, inputs[0].base_prompt_ids)):
+            if find_body(model) is not None:
+                ids = torch.tensor([list(prompt) + inputs[0].refusal_ids], device=_model_device(model))
+                check_head_matches_forward(model, ids, torch.arange(vocab))
         for start in range(0, len(order), options.batch_size):
             batch = [inputs[i] for i in order[start : start + options.batch_size]]
             refusals = [x.refusal_ids for x in batch]
-            log_a, mask = response_logprobs(
-                aligned,
-                [x.aligned_prompt_ids for x in batch],
-                refusals,
-                temperature=options.temperature,
-                pad_id=pad_id,
+            rows_a = response_rows(
+                aligned, [x.aligned_prompt_ids for x in batch], refusals, pad_id=pad_id
             )
-            log_b, _ = response_logprobs(
-                base,
-                [x.base_prompt_ids for x in batch],
-                refusals,
-                temperature=options.temperature,
-                pad_id=pad_id,
+            rows_b = response_rows(base, [x.base_prompt_ids for x in batch], refusals, pad_id=pad_id)
+            step_weights = torch.cat(
+                [torch.full((len(r),), 1.0 / len(r), dtype=torch.float32) for r in refusals]
             )
-            log_b = log_b.to(device)
-            p_a, p_b = log_a.exp(), log_b.exp()
-            if options.diff_mode == "p_diff":
-                per_step = p_a - p_b
-            else:
-                per_step = torch.where(p_a > 0, p_a * (log_b - log_a), torch.zeros_like(p_a))
-            steps = mask.to(torch.float32)[..., None]  # [B, R_max, 1]
-            counts = steps.sum(dim=1)  # [B, 1]
-            score_sum += ((per_step * steps).sum(dim=1) / counts).sum(dim=0)
-            aligned_sum += ((p_a * steps).sum(dim=1) / counts).sum(dim=0)
-            base_sum += ((p_b * steps).sum(dim=1) / counts).sum(dim=0)
+            accumulate_stage_zero(
+                rows_a,
+                rows_b,
+                step_weights,
+                (score_sum, aligned_sum, base_sum),
+                temperature=options.temperature,
+                diff_mode=options.diff_mode,
+                budget=DEFAULT_HEAD_BUDGET,
+            )
             bar.update(len(batch))
     count = len(inputs)
     score, aligned_mass, base_mass = score_sum / count, aligned_sum / count, base_sum / count

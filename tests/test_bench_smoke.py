@@ -300,3 +300,28 @@ def test_training_and_precompute_help_runs_as_a_script(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout and "--device" in done.stdout
+
+
+# -- stage memory (bench_stage_memory) ---------------------------------------------------------
+
+from bench import bench_stage_memory  # noqa: E402
+
+
+def test_stage_memory_doubles_the_text_and_the_batch(tmp_path):
+    row = {"id": "a1", "instruction": "say hi", "input": "", "output": "hi"}
+    assert bench_stage_memory.doubled(row) == {"id": "a1", "instruction": "say hi say hi", "input": "", "output": "hi hi"}
+    paths = {name: tmp_path / f"{name}.json" for name in ("safety", "train", "harmful", "probe")}
+    base = bench_stage_memory.stage_commands(["pact"], tmp_path, paths, tmp_path, "base", True)
+    double = bench_stage_memory.stage_commands(["pact"], tmp_path, paths, tmp_path, "batch2x", True)
+    assert "--batch-size" not in base["tokens"] and "--probe-batch-size" not in base["train"]
+    assert double["tokens"][-2:] == ["--batch-size", "16"] and double["eval"][-2:] == ["--batch-size", "32"]
+    assert double["train"][-4:] == ["--probe-batch-size", "32", "--batch-size", "8"]
+    longer = bench_stage_memory.stage_commands(["pact"], tmp_path, paths, tmp_path, "length2x", True)
+    assert longer["tokens"][-2:] == ["--max-resp-len", "128"]
+
+
+def test_stage_memory_needs_the_models(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_stage_memory.main(["--models", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no aligned/config.json (run make_realtok.py first)")

@@ -28,7 +28,7 @@ DEFAULT_MAX_LENGTH = 1024
 RESUMABLE_CHANGES = frozenset(
     {
         "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
-        "targets_memory_mb", "fsdp",
+        "targets_memory_mb", "fsdp", "probe_batch_size",
     }
 )  # fmt: skip
 # --batch-size may change on resume when the world size changes with it: the global
@@ -111,6 +111,7 @@ class TrainConfig:
     probe_every: int = setting(
         0, help="Run the drift probe every N optimizer steps (metrics probe_kl, probe_mass); 0 = never."
     )
+    probe_batch_size: int = setting(16, help="Probe examples per forward pass (--probe-every).")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -165,6 +166,7 @@ def _check(config: TrainConfig) -> None:
         raise PactError("TrainConfig.pact must be a pact.PactConfig")
     check_number(config.targets_memory_mb, name("targets_memory_mb"), minimum=0.0, inclusive=False)
     check_int(config.probe_every, name("probe_every"), 0)
+    check_int(config.probe_batch_size, name("probe_batch_size"))
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
     if config.probe is not None and not config.probe_every:

@@ -23,6 +23,7 @@ from pact.core.encoding import Encoded, EncodingOptions, encode_example
 from pact.core.errors import PactError
 from pact.core.special_text import special_text_warning
 from pact.pipeline.probe import (
+    DEFAULT_PROBE_BATCH_SIZE,
     encode_probe,
     probe_drift,
     probe_encoding_options,
@@ -108,7 +109,9 @@ def prepare_inputs(config: TrainConfig, ranks: Ranks | None = None) -> RunInputs
             check_examples(encoded, reader)
     probe = None
     if config.probe_every:
-        probe = StoreDriftProbe(config.probe, tokenizer, store, safety, model_fingerprint)
+        probe = StoreDriftProbe(
+            config.probe, tokenizer, store, safety, model_fingerprint, config.probe_batch_size
+        )
     return RunInputs(tokenizer, encoded, options, model_fingerprint, store, entry, safety, reader, probe)
 
 
@@ -123,6 +126,7 @@ class StoreDriftProbe:
     store: Store
     safety: SafetySet | None  # the run's safety set (pact), else None
     model_fingerprint: str  # of the model being fine-tuned, as loaded
+    batch_size: int = DEFAULT_PROBE_BATCH_SIZE  # probe examples per forward pass
     examples: list[Example] = field(default_factory=list)
 
     def start(self, model: Any, *, fresh: bool) -> None:
@@ -142,7 +146,7 @@ class StoreDriftProbe:
             )
         options = probe_encoding_options(manifest)
         encoded = encode_probe(self.tokenizer, self.examples, options)
-        logprobs = safety_logprobs(model, encoded, self.safety.token_ids)
+        logprobs = safety_logprobs(model, encoded, self.safety.token_ids, batch_size=self.batch_size)
         distributed.on_main(
             lambda: write_reference_probe(
                 self.store, self.examples, encoded, logprobs,
@@ -153,5 +157,5 @@ class StoreDriftProbe:
 
     def measure(self, model: Any) -> tuple[float, float]:
         """(mean KL(reference ‖ model), mean safety-token mass) on the probe set."""
-        drift = probe_drift(model, self.tokenizer, self.store, self.examples)
+        drift = probe_drift(model, self.tokenizer, self.store, self.examples, batch_size=self.batch_size)
         return drift.mean_kl, drift.mean_mass

@@ -869,7 +869,9 @@ def test_probe_every_records_drift_and_caches_the_reference_probe(tmp_path: Path
     from pact.pipeline.probe import read_reference_probe
 
     built, probe = _probe_world(tmp_path)
-    config = make_config(built, tmp_path / "run", finetune="full", max_steps=4, lr=5e-2, probe=str(probe), probe_every=2)
+    config = make_config(
+        built, tmp_path / "run", finetune="full", max_steps=4, lr=5e-2, probe=str(probe), probe_every=2, probe_batch_size=2
+    )
     result = train(config)
     assert [(r["step"], r["probe_kl"] is not None) for r in result.metrics] == [(1, False), (2, True), (3, False), (4, True)]
     probed = [r for r in result.metrics if r["probe_kl"] is not None]
@@ -885,6 +887,8 @@ def test_probe_needs_its_partner_option_and_a_reference(tmp_path: Path) -> None:
         train(make_config(built, tmp_path / "a", probe_every=1))
     with pytest.raises(PactError, match=r"--probe FILE needs --probe-every N"):
         train(make_config(built, tmp_path / "b", probe=str(probe)))
+    with pytest.raises(PactError, match=r"--probe-batch-size must be an integer >= 1, got 0"):
+        train(make_config(built, tmp_path / "d", probe=str(probe), probe_every=1, probe_batch_size=0))
     other = copy_model(built.model_dir, tmp_path / "other")
     make_model(other, len(make_tokenizer(tmp_path / "tok")), seed=99, hidden=32, layers=2)
     with pytest.raises(PactError, match=r"the store has no reference probe for probe\.jsonl: run `pact eval"):
