@@ -9,9 +9,12 @@ name (`b.targets`), on the same locked-down connection.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import duckdb
@@ -206,21 +209,81 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     return statements
 
 
-def query(store: Store, sql: str, attach: Iterable[tuple[str, Store]] = ()) -> tuple[list[str], list[tuple]]:
+class QueryTimeout(PactError):
+    """The query ran past its time limit and was stopped."""
+
+
+def run_interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], Any], timeout: float | None = None) -> Any:
+    """`work()` (DuckDB calls on `con`) in a worker thread; stopped with `con.interrupt()` on
+    Ctrl-C (KeyboardInterrupt re-raised) or after `timeout` seconds (QueryTimeout).
+
+    DuckDB blocks inside `execute` without looking at Python's signals, so the main thread
+    only waits, in steps of 0.1 s, and interrupts the connection when told to stop. It
+    waits on an Event, not `Thread.join`: a join cut short by Ctrl-C marks a running thread
+    as finished (CPython 3.11).
+    """
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    threading.Thread(target=target, name="pact-sql", daemon=True).start()
+    try:
+        while not done.is_set():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                _stop(con, done)
+                raise QueryTimeout(f"the query ran past --timeout {timeout:g} s and was stopped")
+            done.wait(left)
+    except KeyboardInterrupt:
+        _stop(con, done)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt the running query and give its thread a moment to unwind."""
+    con.interrupt()
+    done.wait(2.0)
+
+
+def query(
+    store: Store, sql: str, attach: Iterable[tuple[str, Store]] = (), *, timeout: float | None = None
+) -> tuple[list[str], list[tuple]]:
     """Run read-only `sql` against the store (and the attached (name, store) pairs, as
-    schemas `name`); return (column names, rows)."""
+    schemas `name`); return (column names, rows).
+
+    Ctrl-C (KeyboardInterrupt) stops the query at once and is re-raised; a query still
+    running after `timeout` seconds is stopped with QueryTimeout (a PactError).
+    """
+    if timeout is not None and not timeout > 0:
+        raise PactError(f"--timeout must be a positive number of seconds, got {timeout}")
     store.require()
     con = None
     try:
         con = connect_readonly(store, attach)
         statements = check_read_only(con, sql)
-        result = None
-        for statement in statements:
-            result = con.execute(statement)
-        columns = [d[0] for d in result.description] if result.description else []
-        return columns, result.fetchall()
+
+        def run() -> tuple[list[str], list[tuple]]:
+            result = None
+            for statement in statements:
+                result = con.execute(statement)
+            columns = [d[0] for d in result.description] if result.description else []
+            return columns, result.fetchall()
+
+        return run_interruptible(con, run, timeout)
     except duckdb.Error as exc:
         raise PactError(f"SQL error: {_one_line(str(exc))}") from None
     finally:
         if con is not None:
-            con.close()
+            with contextlib.suppress(duckdb.Error):  # busy: a query that would not stop
+                con.close()
