@@ -77,6 +77,7 @@ from pact.core.models import (
     resolve_device,
     resolve_dtype,
 )
+from pact.store.lock import shard_writer
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import (
@@ -707,6 +708,19 @@ def run_precompute(
     after each rank found its examples in the store.
     """
     options = options or PrecomputeOptions()
+    with contextlib.ExitStack() as held:
+        with _agreeing(_group_ranks()[1]):  # one writer per shard (store/lock.py)
+            held.enter_context(shard_writer(store_dir, options.shard.tag))
+        return _precompute(model_dir, data_path, store_dir, options, echo)
+
+
+def _precompute(
+    model_dir: str | Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: PrecomputeOptions,
+    echo: Callable[[str], None] | None,
+) -> PrecomputeSummary:
     note = echo or (lambda message: tqdm.write(message, file=sys.stderr))
     rank, world = _group_ranks()
     say = note if world == 1 else (lambda message: note(f"rank {rank}: {message}"))

@@ -33,6 +33,7 @@ from pact.core.data import Example, load_examples
 from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
 from pact.core.errors import PactError
 from pact.core.models import check_dir, file_sha256
+from pact.store.lock import store_writer
 from pact.store.manifest import Store
 from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
 
@@ -482,7 +483,34 @@ def run_tokens(
     force: bool = False,
     progress: bool = True,
 ) -> TokensResult:
-    """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error)."""
+    """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error).
+
+    Holds the store's writer lock throughout (store/lock.py): no precompute or other
+    `pact tokens` writes it meanwhile."""
+    with store_writer(store_dir):
+        return _tokens(
+            aligned_dir, base_dir, data_path, store_dir, options, data_format=data_format, dtype=dtype,
+            device=device, trust_remote_code=trust_remote_code, generate_missing_refusals=generate_missing_refusals,
+            max_new_tokens=max_new_tokens, force=force, progress=progress,
+        )  # fmt: skip
+
+
+def _tokens(
+    aligned_dir: str | Path,
+    base_dir: str | Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: TokensOptions,
+    *,
+    data_format: str | None,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    generate_missing_refusals: bool,
+    max_new_tokens: int,
+    force: bool,
+    progress: bool,
+) -> TokensResult:
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
     started = time.perf_counter()

@@ -124,8 +124,10 @@ class Store:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the store's exclusive lock (one writer of the manifest at a time)."""
+        from pact.store.lock import open_lock_file
+
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        with open(open_lock_file(self.root / ".lock"), "a+", closefd=True) as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -15,6 +15,7 @@ Rows of one example (one response) are contiguous and ordered by step.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pact.core.atomic import TEMP_PREFIX, atomic_write_with
 from pact.core.errors import PactError
+from pact.store.lock import cleanup_allowed
 from pact.store.manifest import Store
 
 VALUE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -108,16 +110,24 @@ class TargetWriter:
         self._remove_orphans()
 
     def _remove_orphans(self) -> None:
-        registered = {p["path"] for p in self.store.read_manifest()["parts"]}
-        for kind in ("targets", "post"):
-            directory = self.store.root / kind
-            if not directory.is_dir():
-                continue
-            for path in directory.iterdir():
-                name = path.name
-                mine = f"-{self.shard_tag}-" in name
-                if mine and (name.startswith(TEMP_PREFIX) or f"{kind}/{name}" not in registered):
-                    path.unlink(missing_ok=True)
+        """Delete this shard's unregistered parts and temporaries, named as pact names them,
+        when no live writer of the shard can own them (`lock.cleanup_allowed`)."""
+        part = rf"part-{re.escape(self.shard_tag)}-[0-9a-f]{{12}}\.parquet"
+        own = re.compile(rf"({re.escape(TEMP_PREFIX)}{part}\.[a-z0-9_]{{8}})|{part}")  # tempfile.mkstemp's suffix
+        with cleanup_allowed(self.store.root, self.shard_tag) as allowed:
+            if not allowed:
+                return
+            registered = {p["path"] for p in self.store.read_manifest()["parts"]}
+            for kind in ("targets", "post"):
+                directory = self.store.root / kind
+                if not directory.is_dir() or directory.is_symlink():
+                    continue
+                for path in directory.iterdir():
+                    match = own.fullmatch(path.name)
+                    if match is None or path.is_symlink() or not path.is_file():
+                        continue
+                    if match.group(1) or f"{kind}/{path.name}" not in registered:
+                        path.unlink(missing_ok=True)
 
     def add_post(self, response_hash: str, post_logprobs: np.ndarray) -> None:
         """Queue the post-only targets [T, S] of one distinct response."""

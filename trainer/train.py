@@ -59,6 +59,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
+from pact.store.lock import run_writer
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet
 from pact.store.tables import METRICS_SCHEMA, write_table
@@ -657,7 +658,7 @@ def train(
     wrapped in DDP (or sharded with FSDP), and rank 0 writes; see docs/distributed.md.
     """
     check_config(config)
-    with distributed.process_group(config.device) as ranks:
+    with distributed.process_group(config.device) as ranks, contextlib.ExitStack() as held:
         device = resolve_device(distributed.rank_device(config.device, ranks))
         run_dir = Path(config.out)
         with distributed.agreeing():
@@ -668,6 +669,8 @@ def train(
                 )
             if run_dir.exists() and not run_dir.is_dir():
                 raise PactError(f"--out {run_dir} exists and is not a directory")
+            if ranks.is_main:  # one writer per run directory; the checks below run under it
+                held.enter_context(run_writer(run_dir))
             if not config.resume and (run_dir / "config.json").exists():
                 raise PactError(
                     f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"

@@ -11,6 +11,7 @@ from pact.core.data import FORMATS
 from pact.core.errors import PactError
 from pact.core.models import DTYPES
 from pact.pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
+from pact.store.lock import waiting_for_writers
 from pact.store.targets import VALUE_DTYPES
 
 
@@ -31,6 +32,7 @@ from pact.store.targets import VALUE_DTYPES
 @click.option("--skip-invalid", is_flag=True, help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the reference directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--wait", "wait", is_flag=True, help="If another pact process is writing this shard of --store, wait for it instead of stopping.")
 def precompute_command(
     reference: str,
     data: str,
@@ -48,6 +50,7 @@ def precompute_command(
     skip_invalid: bool,
     trust_remote_code: bool,
     no_progress: bool,
+    wait: bool,
 ) -> None:
     """Run the reference model once over --data and cache its safety-token targets in --store.
 
@@ -80,6 +83,7 @@ def precompute_command(
             trust_remote_code=trust_remote_code,
             progress=not no_progress and ranks.is_main,
         )
-        summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
+        with waiting_for_writers(wait):
+            summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
         if ranks.is_main:
             click.echo(summary.line())

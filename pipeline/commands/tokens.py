@@ -10,6 +10,7 @@ from pact.core.errors import PactError
 from pact.core.models import DTYPES
 from pact.pipeline.commands.sql import format_table
 from pact.pipeline.tokens import DIFF_MODES, TokensOptions, TokensResult, run_tokens
+from pact.store.lock import waiting_for_writers
 
 _DEFAULTS = TokensOptions()
 TABLE_COLUMNS = ["rank", "token_id", "token", "aligned_prob", "base_prob", "score", "weight"]
@@ -159,6 +160,7 @@ def summary_line(result: TokensResult) -> str:
     show_default=True,
     help="Tokens printed per group (weight > 0, weight 0); 0 prints only the summary.",
 )
+@click.option("--wait", "wait", is_flag=True, help="If another pact process is writing --store, wait for it instead of stopping.")
 def tokens_command(
     aligned_dir: str,
     base_dir: str,
@@ -178,6 +180,7 @@ def tokens_command(
     max_new_tokens: int,
     force: bool,
     show: int,
+    wait: bool,
 ) -> None:
     """Stage 0: find the safety tokens of an aligned model against its base model.
 
@@ -196,20 +199,21 @@ def tokens_command(
         diff_mode=diff_mode,
         batch_size=batch_size,
     )
-    result = run_tokens(
-        aligned_dir,
-        base_dir,
-        data_path,
-        store_dir,
-        options,
-        data_format=data_format,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        generate_missing_refusals=generate_refusals,
-        max_new_tokens=max_new_tokens,
-        force=force,
-    )
+    with waiting_for_writers(wait):
+        result = run_tokens(
+            aligned_dir,
+            base_dir,
+            data_path,
+            store_dir,
+            options,
+            data_format=data_format,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            generate_missing_refusals=generate_refusals,
+            max_new_tokens=max_new_tokens,
+            force=force,
+        )
     if result.stale_parts:
         click.echo(
             f"warning: the store's {result.stale_parts} target parts were computed with the old "

@@ -7,6 +7,7 @@ import click
 from pact.core import distributed
 from pact.core.data import FORMATS
 from pact.pipeline.training import run_train
+from pact.store.lock import waiting_for_writers
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
 from pact.trainer.loss import PactConfig
 from pact.trainer.train import (
@@ -201,6 +202,7 @@ _PACT = PactConfig()
     show_default=True,
     help="KL temperature T.",
 )
+@click.option("--wait", "wait", is_flag=True, help="If another pact train is writing --out, wait for it instead of stopping.")
 def train_command(
     model: str,
     data: str,
@@ -215,6 +217,7 @@ def train_command(
     gate_decay: float,
     gate_boost: float,
     kl_temperature: float,
+    wait: bool,
     **options: object,
 ) -> None:
     """Fine-tune --model on --data with the PACT loss (CE + λ·KL on the safety tokens),
@@ -245,7 +248,8 @@ def train_command(
         ),
         **options,
     )
-    result = run_train(config)
+    with waiting_for_writers(wait):
+        result = run_train(config)
     if not distributed.launch_ranks().is_main:
         return
     click.echo(f"run: {result.run_dir} (run_id {result.run_id})")
