@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "pact.pipeline.commands.eval:eval_command",
     "plot": "pact.pipeline.commands.plot:plot_command",
     "sql": "pact.pipeline.commands.sql:sql_command",
+    "store": "pact.pipeline.commands.store:store_group",
     "demo": "pact.pipeline.commands.demo:demo_command",
 }
 

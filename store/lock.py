@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pact.core.errors import PactError
+from pact.store.manifest import repair_advice
 
 STORE_LOCK = ".writer.lock"
 _SHARD_LOCK = re.compile(r"\.writer-s(\d+)of(\d+)\.lock")
@@ -237,6 +238,12 @@ def shard_writer(root: str | os.PathLike, tag: str, *, command: str | None = Non
     if not root.is_dir():  # no store to write into: the run fails its store checks
         yield
         return
+    for kind in ("targets", "post"):  # the writer would refuse them after loading its model
+        if (root / kind).is_symlink():
+            raise PactError(
+                f"{kind}/ in store {root} is a symbolic link (a store is one directory: move the "
+                f"whole store instead); {repair_advice(root)}"
+            )
     with _holding(store_path, fcntl.LOCK_SH, store_busy, command):
         with _holding(shard_path, fcntl.LOCK_EX, shard_busy, command):
             for other, path in _busy_shards(root, skip=tag):

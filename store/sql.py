@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 
 from pact.core.errors import PactError
-from pact.store.manifest import Store
+from pact.store.manifest import Store, repair_advice
 from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA
 from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
 from pact.store.targets import check_part_schema, post_schema, targets_schema
@@ -75,8 +75,11 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
     parts = {"targets": [], "post": []}
     for entry in manifest["parts"]:
         path = store.resolve(entry["path"])
-        if path.is_file():
-            check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"))
+        if not path.is_file():
+            raise PactError(
+                f"store part {entry['path']} is listed in the manifest but missing; {repair_advice(store.root)}"
+            )
+        check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"), store.root)
         parts[entry["kind"]].append(str(path))
     tokens = root / TOKENS_FILE
     views = {

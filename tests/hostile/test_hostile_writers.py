@@ -6,15 +6,20 @@ a live writer's files alone. The other writer is a real process holding the lock
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from fault_harness import registered_rows, short_rows, stray_temporaries, unregistered_parts
-from hostile.harness import ROOT, assert_one_error_line, call_pact, describe_changes, snapshot
+from hostile.harness import (
+    ROOT,
+    assert_one_error_line,
+    call_pact,
+    describe_changes,
+    holding,
+    snapshot,
+)
 from tiny import make_model, make_tokenizer
 from train_fixtures import make_safety, write_jsonl
 
@@ -47,27 +52,6 @@ def precompute_args(world, store: Store, *extra: str) -> list:
         "precompute", "--reference", world["ref"], "--data", world["data"], "--store", store.root,
         "--device", "cpu", "--max-length", "48", "--batch-size", "8", "--no-progress", *extra,
     ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def holding(call: str) -> Iterator[subprocess.Popen]:
-    """Another process that holds `pact.store.lock.<call>` (command 'pact fake --holder')
-    until the block ends."""
-    code = (
-        "import sys\nfrom pact.store import lock\n"
-        f"with lock.{call}:\n    print('ready', flush=True)\n    sys.stdin.read()\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        ready = child.stdout.readline()
-        assert ready == "ready\n", child.stderr.read()
-        yield child
-    finally:
-        child.stdin.close()
-        child.wait(timeout=60)
 
 
 def test_two_precomputes_started_together_store_every_example_once(world, store):
