@@ -56,10 +56,16 @@ def _empty_view(schema: Any) -> str:
     return f"SELECT {columns} WHERE false"
 
 
+def literal_path(path: str) -> str:
+    """`path` as DuckDB reads it literally: its glob characters `*`, `?`, `[` each in a
+    one-character class (`[*]`), so a store named `q?x` never reads `qYx`."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
 def _files_view(paths: list[str], schema: Any) -> str:
     if not paths:
         return _empty_view(schema)
-    listing = ", ".join(_quote(p) for p in paths)
+    listing = ", ".join(_quote(literal_path(p)) for p in paths)
     return f"SELECT * FROM read_parquet([{listing}], union_by_name = true)"
 
 
@@ -176,7 +182,9 @@ def connect_readonly(store: Store, attach: Iterable[tuple[str, Store]] = ()) -> 
             except PactError as exc:
                 raise PactError(f"attached store {name}: {exc}") from None
         roots = [store.root.resolve()] + [other.root.resolve() for _, other in pairs]
-        allowed = ", ".join(_quote(str(root).rstrip("/") + "/") for root in roots)
+        # DuckDB checks a file name as given (our views give it glob-escaped) and as found.
+        folders = {form for root in roots for form in (str(root).rstrip("/") + "/", literal_path(str(root).rstrip("/") + "/"))}
+        allowed = ", ".join(_quote(folder) for folder in sorted(folders))
         con.execute("SET temp_directory = ''")
         con.execute("SET enable_progress_bar = false")
         con.execute("SET autoinstall_known_extensions = false")

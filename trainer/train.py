@@ -59,6 +59,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
+from pact.core.outputs import check_output_dir
 from pact.store.lock import run_writer
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet
@@ -669,6 +670,7 @@ def train(
                 )
             if run_dir.exists() and not run_dir.is_dir():
                 raise PactError(f"--out {run_dir} exists and is not a directory")
+            check_output_dir(run_dir, {"the store": config.store, "the model": config.model})
             if ranks.is_main:  # one writer per run directory; the checks below run under it
                 held.enter_context(run_writer(run_dir))
             if not config.resume and (run_dir / "config.json").exists():
