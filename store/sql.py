@@ -21,7 +21,7 @@ import duckdb
 
 from pact.core.errors import PactError
 from pact.store.manifest import Store, repair_advice
-from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA
+from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA, check_tokens_table
 from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
 from pact.store.targets import check_part_schema, post_schema, targets_schema
 
@@ -88,6 +88,8 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
         check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"), store.root)
         parts[entry["kind"]].append(str(path))
     tokens = root / TOKENS_FILE
+    if tokens.is_file() and manifest.get("safety_tokens") is not None:
+        check_tokens_table(store, manifest["safety_tokens"])
     views = {
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
         "targets": _files_view(parts["targets"], targets_schema(num_safety)),

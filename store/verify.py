@@ -29,7 +29,7 @@ from pact.core.atomic import TEMP_PREFIX, atomic_write_bytes
 from pact.core.errors import PactError
 from pact.store.lock import store_writer
 from pact.store.manifest import MANIFEST, PART_KINDS, Store, _validate, check_relative_path
-from pact.store.safety import load_safety_set
+from pact.store.safety import check_tokens_table, load_safety_set
 from pact.store.targets import check_part_schema
 
 PART_NAME = re.compile(r"part-s\d+of\d+-[0-9a-f]{12}\.parquet")
@@ -239,6 +239,7 @@ def verify(store: Store) -> Report:
     if manifest.get("safety_tokens") is not None and not any(f.path == MANIFEST for f in report.findings):
         try:
             load_safety_set(store)
+            check_tokens_table(store, manifest["safety_tokens"])
         except PactError as exc:
             report.add("safety_tokens.safetensors", f"{exc}; rerun `pact tokens` (repair cannot recompute it)")
     return report

@@ -326,7 +326,6 @@ SYMLINKED = r"manifest path .* is reached through the symbolic link targets(/par
 SQL_ERROR = r"^error: SQL error: "
 NOT_JSON = r"manifest\.json is not valid JSON \(.+\); corrupted manifest\?$"
 BAD_SAFETY_FILE = r"safety_tokens\.safetensors is not a readable safetensors file \(.+\)$"
-TOO_SMALL = SQL_ERROR + r"Invalid Input Error: File '.*/{}' too small to be a Parquet file"
 BAD_COUNT = r"manifest\.json: safety_tokens\.count {} is not a positive integer \(corrupted manifest\?\)$"
 CONTROL_PATH = r"manifest path 'targets/part\\x00\.parquet' contains control characters \(tampered manifest\?\)$"
 PART = r"targets/part-s0of1-\w+\.parquet"
@@ -354,7 +353,7 @@ DAMAGES = [
     Damage("part_inf_in_post_logprobs", _rewrite_part("post", _poke("post_logprobs", np.inf)), sql=OK,
            reader=r"^example ex\d: stored targets contain NaN or inf \(corrupted part\?\); rerun pact precompute over the same data to recompute them$"),
     Damage("tokens_parquet_garbage", lambda s, o: (s.root / "tokens.parquet").write_bytes(b"PAR1 junk"),
-           sql=TOO_SMALL.format(r"tokens\.parquet")),
+           sql=r"tokens\.parquet is unreadable \(.+\); rerun the `pact tokens` command that wrote the store$"),
     Damage("manifest_truncated_json", _manifest_text('{"schema_version": 1, "parts": ['),
            sql=NOT_JSON, reader=NOT_JSON, safety=NOT_JSON),
     Damage("manifest_empty", _manifest_text(""), sql=NOT_JSON, reader=NOT_JSON, safety=NOT_JSON),
