@@ -63,7 +63,7 @@ from pact.core.outputs import check_output_dir
 from pact.store.lock import run_writer
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet
-from pact.store.tables import METRICS_SCHEMA, write_table
+from pact.store.tables import METRICS_SCHEMA, check_table_name, write_table
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
 from pact.trainer import checkpoint
 from pact.trainer.batches import (
@@ -229,6 +229,8 @@ def check_config(config: TrainConfig) -> None:
         if value not in choices:
             raise PactError(f"unknown {flag} {value!r}; expected one of {', '.join(choices)}")
     _number(config.kl_weight, "--lambda", minimum=0.0)
+    if config.run_id is not None:  # checked now, not when the metrics are written after training
+        check_table_name(config.run_id, "--run-id")
     if config.method != "pact" and config.kl_weight != DEFAULT_KL_WEIGHT:
         raise PactError(
             f"--lambda weighs the PACT KL; it has no effect with --method {config.method}"

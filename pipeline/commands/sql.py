@@ -22,11 +22,20 @@ def _cell(value: object) -> str:
         return f"{value:.6g}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_cell(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
-    return str(value)
+    return _printable(str(value))
+
+
+def _printable(text: str) -> str:
+    """Control and format characters (newlines, ESC, C1, bidi overrides) as escapes: a cell
+    cannot break the table or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_table(columns: list[str], rows: list[tuple]) -> str:
-    """A plain aligned text table."""
+    """A plain aligned text table; control characters are shown escaped."""
+    columns = [_printable(c) for c in columns]
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
