@@ -736,6 +736,8 @@ def _precompute(
         model_dir = Path(model_dir)
         store = Store(store_dir)
         safety = load_safety_set(store)
+        if store.read_manifest()["parts"]:
+            TargetReader(store, check_finite=False)  # a damaged store fails before the model loads
         _check_vocabulary(model_dir, _config_vocab_size(model_dir, options.trust_remote_code), safety, "vocabulary entries (config.vocab_size)")
         loaded = load_examples(data_path, options.data_format, skip_invalid=options.skip_invalid)
         summary.dropped += [f"row {bad.row}: {bad.reason}" for bad in loaded.invalid]
