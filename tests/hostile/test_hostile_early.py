@@ -60,3 +60,18 @@ def test_sql_table_output_escapes_control_characters(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and all(line.isprintable() for line in lines)
     assert "\\x1b[31mred\\nerror: fake\\u202e" in lines[2] and lines[0].startswith("a\\x1bb")
+
+
+def test_a_huge_prompt_is_refused_before_tokenisation(tiny_tokenizer):
+    """The attack: a 50 MB prompt was tokenised (9 GB, 93 s) before the length check. Now the
+    size is checked on the text (before: the message counted its tokens)."""
+    from pact.core.data import Example
+    from pact.core.encoding import EncodingOptions, encode_example
+    from pact.core.errors import PactError
+
+    prompt = "word " * 2_000_000
+    example = Example(example_id="big", messages=({"role": "user", "content": prompt},), response="ok", content_hash="h", row=1)
+    with pytest.raises(PactError, match=r"^example big: the prompt has \d+ characters, more than max_length 64 tokens can hold"):
+        encode_example(tiny_tokenizer, example, EncodingOptions(max_length=64))
+    fits = Example(example_id="ok", messages=({"role": "user", "content": "word " * 3},), response="ok", content_hash="h", row=1)
+    assert encode_example(tiny_tokenizer, fits, EncodingOptions(max_length=64)).response_length > 0
