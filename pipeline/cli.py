@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "pact.pipeline.commands.eval:eval_command",
     "plot": "pact.pipeline.commands.plot:plot_command",
     "sql": "pact.pipeline.commands.sql:sql_command",
+    "store": "pact.pipeline.commands.store:store_group",
     "demo": "pact.pipeline.commands.demo:demo_command",
 }
 
@@ -47,6 +48,12 @@ class LazyGroup(click.Group):
             return None
         module, attribute = target.split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C: `aborted` alone (click would print a blank line first)
+            raise click.exceptions.Abort() from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -82,8 +89,8 @@ def main() -> None:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         click.echo(f"error: {exc.strerror or exc}{where}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("\naborted" if sys.stderr.isatty() else "aborted", err=True)
         sys.exit(130)
     except click.exceptions.NoArgsIsHelpError as exc:  # bare `pact`: the help, as click shows it
         exc.show()

@@ -209,6 +209,15 @@ def _run_base_model(config_file: Path) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
+def _run_base_fingerprint(config_file: Path) -> str | None:
+    """The base model fingerprint a run recorded at training (`fingerprints.model`), or None."""
+    try:
+        recorded = json.loads(config_file.read_text(encoding="utf-8")).get("fingerprints", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
 def resolve_model(path: str | Path, name: str | None = None) -> ModelSpec:
     """Identify a model directory or a `pact train` run directory (RUN/model or RUN/adapter)."""
     path = Path(path)
@@ -230,7 +239,14 @@ def resolve_model(path: str | Path, name: str | None = None) -> ModelSpec:
         base_dir = Path(base)
         if not base_dir.is_dir():
             raise PactError(f"the base model {base_dir} named in {config_file} does not exist")
-        fingerprint = adapter_fingerprint(model_fingerprint(base_dir), adapter)
+        base_fingerprint = model_fingerprint(base_dir)
+        trained_on = _run_base_fingerprint(config_file)
+        if trained_on is not None and trained_on != base_fingerprint:
+            raise PactError(
+                f"the base model {base_dir} named in {config_file} is not the one the adapter was trained on "
+                f"(fingerprint {base_fingerprint} != {trained_on}, recorded at training): restore that model"
+            )
+        fingerprint = adapter_fingerprint(base_fingerprint, adapter)
         tokenizer_dir = _first_tokenizer_dir([adapter, path, base_dir], str(path))
         return ModelSpec(path, "run-adapter", base_dir, tokenizer_dir, adapter, display, fingerprint)
     if not (path / "config.json").is_file():

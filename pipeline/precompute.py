@@ -35,6 +35,7 @@ stored, and the summaries are merged on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -78,6 +79,7 @@ from pact.core.models import (
     resolve_dtype,
 )
 from pact.core.special_text import special_text_warning
+from pact.store.lock import shard_writer
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import (
@@ -731,6 +733,19 @@ def run_precompute(
     after each rank found its examples in the store.
     """
     options = options or PrecomputeOptions()
+    with contextlib.ExitStack() as held:
+        with distributed.agreeing():  # one writer per shard (store/lock.py)
+            held.enter_context(shard_writer(store_dir, options.shard.tag))
+        return _precompute(model_dir, data_path, store_dir, options, echo)
+
+
+def _precompute(
+    model_dir: str | Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: PrecomputeOptions,
+    echo: Callable[[str], None] | None,
+) -> PrecomputeSummary:
     note = echo or (lambda message: tqdm.write(message, file=sys.stderr))
     ranks = distributed.current_ranks()
     rank, world = ranks.rank, ranks.world_size
@@ -746,6 +761,8 @@ def run_precompute(
         model_dir = Path(model_dir)
         store = Store(store_dir)
         safety = load_safety_set(store)
+        if store.read_manifest()["parts"]:
+            TargetReader(store, check_finite=False)  # a damaged store fails before the model loads
         _check_vocabulary(model_dir, _config_vocab_size(model_dir, options.trust_remote_code), safety, "vocabulary entries (config.vocab_size)")
         loaded = load_examples(data_path, options.data_format, skip_invalid=options.skip_invalid)
         summary.dropped += [f"row {bad.row}: {bad.reason}" for bad in loaded.invalid]

@@ -12,9 +12,10 @@ import re
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
-# C0, DEL, C1, the line and paragraph separators, and the backslash (so "\\n" stays
-# distinguishable from a newline).
-_ESCAPED = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]")
+# C0, DEL, C1, the line and paragraph separators, the bidirectional-text controls (a
+# right-to-left override would reorder the rest of the line), and the backslash (so
+# "\\n" stays distinguishable from a newline).
+_ESCAPED = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\\\\]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -27,7 +28,8 @@ def _escape(match: re.Match[str]) -> str:
 
 def escape_control(text: str) -> str:
     """`text` on one line: newline, tab, carriage return and backslash as `\\n`, `\\t`,
-    `\\r`, `\\\\`; other C0/C1 control characters as `\\xNN`; U+2028/U+2029 as `\\uNNNN`."""
+    `\\r`, `\\\\`; other C0/C1 control characters as `\\xNN`; the line/paragraph separators
+    and bidirectional-text controls as `\\uNNNN`."""
     return _ESCAPED.sub(_escape, text)
 
 

@@ -33,6 +33,7 @@ from pact.core.data import FORMATS, Example, load_examples
 from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
 from pact.core.errors import PactError
 from pact.core.models import DTYPES, check_dir, file_sha256
+from pact.store.lock import store_writer
 from pact.store.manifest import Store
 from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
 
@@ -507,7 +508,21 @@ def run_tokens(
     store_dir: str | Path,
     options: TokensOptions,
 ) -> TokensResult:
-    """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error)."""
+    """Stage 0 end to end: load, check, compute, then write the safety set (nothing on error).
+
+    Holds the store's writer lock throughout (store/lock.py): no precompute or other
+    `pact tokens` writes it meanwhile."""
+    with store_writer(store_dir):
+        return _tokens(aligned_dir, base_dir, data_path, store_dir, options)
+
+
+def _tokens(
+    aligned_dir: str | Path,
+    base_dir: str | Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: TokensOptions,
+) -> TokensResult:
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
     started = time.perf_counter()

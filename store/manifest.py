@@ -50,6 +50,22 @@ def check_relative_path(relative: str) -> str:
     return relative
 
 
+def repair_advice(root: str | os.PathLike) -> str:
+    """The advice of every error that `pact store repair` fixes (tests/hostile/test_hostile_repair.py
+    follows each one to a working store)."""
+    return f"run `pact store repair {root}`, then rerun `pact precompute`"
+
+
+def symlink_inside(root: Path, relative: str) -> Path | None:
+    """The first component of store-relative `relative` under `root` that is a symbolic link."""
+    current = root
+    for name in PurePosixPath(relative).parts:
+        current = current / name
+        if current.is_symlink():
+            return current
+    return None
+
+
 def _validate(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise PactError(f"{path} is not a JSON object (corrupted manifest?)")
@@ -90,6 +106,12 @@ class Store:
     def resolve(self, relative: str) -> Path:
         """Absolute path of a store-relative path, refusing anything outside the store."""
         check_relative_path(relative)
+        link = symlink_inside(self.root, relative)
+        if link is not None:
+            raise PactError(
+                f"manifest path {relative!r} is reached through the symbolic link {link.relative_to(self.root)} "
+                f"(a store is one directory: move the whole store instead); {repair_advice(self.root)}"
+            )
         path = (self.root / relative).resolve()
         root = self.root.resolve()
         if root != path and root not in path.parents:
@@ -124,8 +146,10 @@ class Store:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the store's exclusive lock (one writer of the manifest at a time)."""
+        from pact.store.lock import open_lock_file
+
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        with open(open_lock_file(self.root / ".lock"), "a+", closefd=True) as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -84,10 +84,12 @@ def save_safety_set(
         "weights": np.ascontiguousarray(safety.weights, dtype=np.float32),
         "vector": np.ascontiguousarray(safety.vector, dtype=np.float32),
     }
-    atomic_write_with(store.root / SAFETY_FILE, lambda p: save_file(tensors, str(p)))
+    # The manifest commits: until it is written, readers check both files against the
+    # manifest's fingerprint and refuse a half-replaced set (`check_tokens_table`).
     atomic_write_with(
         store.root / TOKENS_FILE, lambda p: pq.write_table(table.cast(TOKENS_SCHEMA), p)
     )
+    atomic_write_with(store.root / SAFETY_FILE, lambda p: save_file(tensors, str(p)))
     entry = dict(meta)
     entry.update(fingerprint=safety.fingerprint, count=safety.size, vocab_size=safety.vocab_size)
 
@@ -124,3 +126,27 @@ def load_safety_set(store: Store) -> SafetySet:
             f"{path} does not match the manifest's safety-token fingerprint (file replaced after `pact tokens`?)"
         )
     return safety
+
+
+def table_fingerprint(table: pa.Table, vocab_size: int) -> str:
+    """`SafetySet.fingerprint` of the set a tokens table lists (ids, float32 weights)."""
+    ids = np.asarray(table.column("token_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+    weights = np.asarray(table.column("weight").to_numpy(zero_copy_only=False), dtype=np.float32)
+    return SafetySet(ids, weights, np.zeros(vocab_size, np.float32)).fingerprint
+
+
+def check_tokens_table(store: Store, entry: dict[str, Any]) -> None:
+    """PactError unless `tokens.parquet` lists the safety set the manifest entry records
+    (a `pact tokens` killed after replacing the file, before the manifest, leaves them apart)."""
+    path = store.root / TOKENS_FILE
+    try:
+        table = pq.read_table(path, columns=["token_id", "weight"])
+        matches = table_fingerprint(table, int(entry.get("vocab_size") or 0)) == entry.get("fingerprint")
+    except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise PactError(f"{path} is unreadable ({reason}); rerun the `pact tokens` command that wrote the store") from None
+    if not matches:
+        raise PactError(
+            f"{path} does not list the safety-token set the manifest records (a `pact tokens` run "
+            "was interrupted?); rerun the `pact tokens` command that was interrupted"
+        )

@@ -9,16 +9,19 @@ name (`b.targets`), on the same locked-down connection.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import duckdb
 
 from pact.core.errors import PactError
-from pact.store.manifest import Store
-from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA
+from pact.store.manifest import Store, repair_advice
+from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA, check_tokens_table
 from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
 from pact.store.targets import check_part_schema, post_schema, targets_schema
 
@@ -53,10 +56,16 @@ def _empty_view(schema: Any) -> str:
     return f"SELECT {columns} WHERE false"
 
 
+def literal_path(path: str) -> str:
+    """`path` as DuckDB reads it literally: its glob characters `*`, `?`, `[` each in a
+    one-character class (`[*]`), so a store named `q?x` never reads `qYx`."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
 def _files_view(paths: list[str], schema: Any) -> str:
     if not paths:
         return _empty_view(schema)
-    listing = ", ".join(_quote(p) for p in paths)
+    listing = ", ".join(_quote(literal_path(p)) for p in paths)
     return f"SELECT * FROM read_parquet([{listing}], union_by_name = true)"
 
 
@@ -72,10 +81,15 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
     parts = {"targets": [], "post": []}
     for entry in manifest["parts"]:
         path = store.resolve(entry["path"])
-        if path.is_file():
-            check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"))
+        if not path.is_file():
+            raise PactError(
+                f"store part {entry['path']} is listed in the manifest but missing; {repair_advice(store.root)}"
+            )
+        check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"), store.root)
         parts[entry["kind"]].append(str(path))
     tokens = root / TOKENS_FILE
+    if tokens.is_file() and manifest.get("safety_tokens") is not None:
+        check_tokens_table(store, manifest["safety_tokens"])
     views = {
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
         "targets": _files_view(parts["targets"], targets_schema(num_safety)),
@@ -170,7 +184,9 @@ def connect_readonly(store: Store, attach: Iterable[tuple[str, Store]] = ()) -> 
             except PactError as exc:
                 raise PactError(f"attached store {name}: {exc}") from None
         roots = [store.root.resolve()] + [other.root.resolve() for _, other in pairs]
-        allowed = ", ".join(_quote(str(root).rstrip("/") + "/") for root in roots)
+        # DuckDB checks a file name as given (our views give it glob-escaped) and as found.
+        folders = {form for root in roots for form in (str(root).rstrip("/") + "/", literal_path(str(root).rstrip("/") + "/"))}
+        allowed = ", ".join(_quote(folder) for folder in sorted(folders))
         con.execute("SET temp_directory = ''")
         con.execute("SET enable_progress_bar = false")
         con.execute("SET autoinstall_known_extensions = false")
@@ -206,21 +222,81 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     return statements
 
 
-def query(store: Store, sql: str, attach: Iterable[tuple[str, Store]] = ()) -> tuple[list[str], list[tuple]]:
+class QueryTimeout(PactError):
+    """The query ran past its time limit and was stopped."""
+
+
+def run_interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], Any], timeout: float | None = None) -> Any:
+    """`work()` (DuckDB calls on `con`) in a worker thread; stopped with `con.interrupt()` on
+    Ctrl-C (KeyboardInterrupt re-raised) or after `timeout` seconds (QueryTimeout).
+
+    DuckDB blocks inside `execute` without looking at Python's signals, so the main thread
+    only waits, in steps of 0.1 s, and interrupts the connection when told to stop. It
+    waits on an Event, not `Thread.join`: a join cut short by Ctrl-C marks a running thread
+    as finished (CPython 3.11).
+    """
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    threading.Thread(target=target, name="pact-sql", daemon=True).start()
+    try:
+        while not done.is_set():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                _stop(con, done)
+                raise QueryTimeout(f"the query ran past --timeout {timeout:g} s and was stopped")
+            done.wait(left)
+    except KeyboardInterrupt:
+        _stop(con, done)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt the running query and give its thread a moment to unwind."""
+    con.interrupt()
+    done.wait(2.0)
+
+
+def query(
+    store: Store, sql: str, attach: Iterable[tuple[str, Store]] = (), *, timeout: float | None = None
+) -> tuple[list[str], list[tuple]]:
     """Run read-only `sql` against the store (and the attached (name, store) pairs, as
-    schemas `name`); return (column names, rows)."""
+    schemas `name`); return (column names, rows).
+
+    Ctrl-C (KeyboardInterrupt) stops the query at once and is re-raised; a query still
+    running after `timeout` seconds is stopped with QueryTimeout (a PactError).
+    """
+    if timeout is not None and not timeout > 0:
+        raise PactError(f"--timeout must be a positive number of seconds, got {timeout}")
     store.require()
     con = None
     try:
         con = connect_readonly(store, attach)
         statements = check_read_only(con, sql)
-        result = None
-        for statement in statements:
-            result = con.execute(statement)
-        columns = [d[0] for d in result.description] if result.description else []
-        return columns, result.fetchall()
+
+        def run() -> tuple[list[str], list[tuple]]:
+            result = None
+            for statement in statements:
+                result = con.execute(statement)
+            columns = [d[0] for d in result.description] if result.description else []
+            return columns, result.fetchall()
+
+        return run_interruptible(con, run, timeout)
     except duckdb.Error as exc:
         raise PactError(f"SQL error: {_one_line(str(exc))}") from None
     finally:
         if con is not None:
-            con.close()
+            with contextlib.suppress(duckdb.Error):  # busy: a query that would not stop
+                con.close()

@@ -55,12 +55,18 @@ SCHEMAS = {"metrics": METRICS_SCHEMA, "evals": EVALS_SCHEMA}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
+def check_table_name(name: str, what: str = "table name") -> str:
+    """`name` if it can name a `metrics`/`evals` file (`--run-id`, eval ids); PactError otherwise."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PactError(f"{what} {name!r} must start with a letter or digit and hold only letters, digits, '.', '_' or '-' (at most 201)")
+    return name
+
+
 def write_table(store: Store, kind: str, name: str, table: pa.Table) -> str:
     """Write `table` as `<kind>/<name>.parquet` atomically (replacing an older one); return the path."""
     if kind not in SCHEMAS:
         raise PactError(f"unknown table kind {kind!r}; expected one of {sorted(SCHEMAS)}")
-    if not _NAME.match(name):
-        raise PactError(f"table name {name!r} must be letters, digits, '.', '_' or '-'")
+    check_table_name(name)
     schema = SCHEMAS[kind]
     for column in sorted(OPTIONAL_COLUMNS & set(schema.names) - set(table.column_names)):
         table = table.append_column(column, pa.nulls(table.num_rows, schema.field(column).type))

@@ -15,6 +15,7 @@ Rows of one example (one response) are contiguous and ordered by step.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ import pyarrow.parquet as pq
 
 from pact.core.atomic import TEMP_PREFIX, atomic_write_with
 from pact.core.errors import PactError
-from pact.store.manifest import Store
+from pact.store.lock import cleanup_allowed
+from pact.store.manifest import Store, repair_advice, symlink_inside
 
 VALUE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 ROW_GROUP_ROWS = 2048
@@ -105,19 +107,33 @@ class TargetWriter:
         self.parts_written = 0
         self._targets: list[dict[str, Any]] = []
         self._post: list[tuple[str, np.ndarray]] = []
+        for kind in ("targets", "post"):  # readers refuse parts reached through a link: never write them
+            if symlink_inside(store.root, kind) is not None:
+                raise PactError(
+                    f"{kind}/ in store {store.root} is a symbolic link (a store is one directory: move the "
+                    f"whole store instead); {repair_advice(store.root)}"
+                )
         self._remove_orphans()
 
     def _remove_orphans(self) -> None:
-        registered = {p["path"] for p in self.store.read_manifest()["parts"]}
-        for kind in ("targets", "post"):
-            directory = self.store.root / kind
-            if not directory.is_dir():
-                continue
-            for path in directory.iterdir():
-                name = path.name
-                mine = f"-{self.shard_tag}-" in name
-                if mine and (name.startswith(TEMP_PREFIX) or f"{kind}/{name}" not in registered):
-                    path.unlink(missing_ok=True)
+        """Delete this shard's unregistered parts and temporaries, named as pact names them,
+        when no live writer of the shard can own them (`lock.cleanup_allowed`)."""
+        part = rf"part-{re.escape(self.shard_tag)}-[0-9a-f]{{12}}\.parquet"
+        own = re.compile(rf"({re.escape(TEMP_PREFIX)}{part}\.[a-z0-9_]{{8}})|{part}")  # tempfile.mkstemp's suffix
+        with cleanup_allowed(self.store.root, self.shard_tag) as allowed:
+            if not allowed:
+                return
+            registered = {p["path"] for p in self.store.read_manifest()["parts"]}
+            for kind in ("targets", "post"):
+                directory = self.store.root / kind
+                if not directory.is_dir() or directory.is_symlink():
+                    continue
+                for path in directory.iterdir():
+                    match = own.fullmatch(path.name)
+                    if match is None or path.is_symlink() or not path.is_file():
+                        continue
+                    if match.group(1) or f"{kind}/{path.name}" not in registered:
+                        path.unlink(missing_ok=True)
 
     def add_post(self, response_hash: str, post_logprobs: np.ndarray) -> None:
         """Queue the post-only targets [T, S] of one distinct response."""
@@ -244,23 +260,27 @@ class TargetWriter:
         self.flush()
 
 
-def unreadable_part(path: Path, exc: BaseException) -> PactError:
-    reason = " ".join(str(exc).split())[:300]
-    return PactError(f"store part {path.name} is unreadable ({reason}); delete it and rerun `pact precompute`")
+def unreadable_part(path: Path, exc: BaseException, root: Path | None = None) -> PactError:
+    """The error for a part that cannot be read; `root`: the store (default: the part's
+    grandparent, `STORE/targets/part-*.parquet`)."""
+    reason = " ".join(str(exc).split())[:160]
+    advice = repair_advice(root if root is not None else path.parent.parent)
+    return PactError(f"store part {path.name} is unreadable ({reason}); {advice}")
 
 
-def check_part_schema(path: Path, kind: str, num_safety: int | None) -> None:
+def check_part_schema(path: Path, kind: str, num_safety: int | None, root: Path | None = None) -> None:
     """PactError unless the part at `path` has the columns and types of `kind` for |S| = num_safety."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
-        raise unreadable_part(path, exc) from None
+        raise unreadable_part(path, exc, root) from None
     expected = targets_schema if kind == "targets" else post_schema
     allowed = [expected(num_safety or 1, dtype) for dtype in VALUE_DTYPES]
     if num_safety is None or not any(schema.equals(a) for a in allowed):
         raise PactError(
             f"store part {path.name} does not have the expected columns and types for "
-            f"{num_safety} safety tokens (corrupted or foreign part?)"
+            f"{num_safety} safety tokens (corrupted or foreign part?); "
+            f"{repair_advice(root if root is not None else path.parent.parent)}"
         )
 
 
@@ -296,7 +316,9 @@ class TargetReader:
         for entry in self.manifest["parts"]:
             path = store.resolve(entry["path"])
             if not path.is_file():
-                raise PactError(f"store part {entry['path']} is listed in the manifest but missing")
+                raise PactError(
+                    f"store part {entry['path']} is listed in the manifest but missing; {repair_advice(store.root)}"
+                )
             self._paths[entry["kind"]].append(path)
         num_safety = (self.manifest.get("safety_tokens") or {}).get("count")
         for i, path in enumerate(self._paths["targets"]):
@@ -306,12 +328,11 @@ class TargetReader:
             self._check_schema(path, post_schema, num_safety)
             self._index(path, i, "response_hash", self._post_index, "response")
 
-    @staticmethod
-    def _unreadable(path: Path, exc: BaseException) -> PactError:
-        return unreadable_part(path, exc)
+    def _unreadable(self, path: Path, exc: BaseException) -> PactError:
+        return unreadable_part(path, exc, self.store.root)
 
     def _check_schema(self, path: Path, expected: Any, num_safety: int | None) -> None:
-        check_part_schema(path, "targets" if expected is targets_schema else "post", num_safety)
+        check_part_schema(path, "targets" if expected is targets_schema else "post", num_safety, self.store.root)
 
     def _index(self, path: Path, part: int, key: str, index: dict[str, _Location], what: str) -> None:
         try:
@@ -327,14 +348,18 @@ class TargetReader:
         ends = np.concatenate([change, [len(keys)]])
         expected_steps = np.arange(len(keys)) - np.repeat(starts, ends - starts)
         if not np.array_equal(steps, expected_steps):
-            raise PactError(f"store part {path.name}: steps are not 0..T-1 per {what} (corrupted part?)")
+            raise PactError(
+                f"store part {path.name}: steps are not 0..T-1 per {what} (corrupted part?); {repair_advice(self.store.root)}"
+            )
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             value = keys[start]
             if value in index:
                 if what == "response":
                     continue
                 other = self._paths["targets"][index[value].part].name
-                raise PactError(f"example {value} appears twice in the store ({other} and {path.name})")
+                raise PactError(
+                    f"example {value} appears twice in the store ({other} and {path.name}); {repair_advice(self.store.root)}"
+                )
             index[value] = _Location(part, start, end - start)
 
     def __len__(self) -> int:
@@ -408,7 +433,10 @@ class TargetReader:
         response_hash = rows.column("response_hash")[0].as_py()
         post_loc = self._post_index.get(response_hash)
         if post_loc is None or post_loc.steps != loc.steps:
-            raise PactError(f"example {example_id}: post-only targets of its response are missing")
+            raise PactError(
+                f"example {example_id}: post-only targets of its response are missing; "
+                "rerun pact precompute over the same data to compute them"
+            )
         try:
             full = self._matrix(rows.column("full_logprobs"))
             post = self._matrix(self._rows("post", post_loc).column("post_logprobs"))

@@ -316,15 +316,16 @@ def _replace_safety_with_directory(store: Store, outside: Path) -> None:
 
 
 OUTSIDE = r"manifest path .* points outside the store"
-UNREADABLE = r"store part part-s0of1-\w+\.parquet is unreadable \(.+\); delete it and rerun `pact precompute`$"
+REPAIR = r"run `pact store repair .*/store`, then rerun `pact precompute`$"  # followed in tests/hostile/test_hostile_repair.py
+UNREADABLE = r"store part part-s0of1-\w+\.parquet is unreadable \(.+\); " + REPAIR
 WRONG_SCHEMA = (
     rf"store part part-s0of1-\w+\.parquet does not have the expected columns and types for {S} safety "
-    r"tokens \(corrupted or foreign part\?\)$"
+    r"tokens \(corrupted or foreign part\?\); " + REPAIR
 )
+SYMLINKED = r"manifest path .* is reached through the symbolic link targets(/part-s0of1-\w+\.parquet)? \(a store is one directory: move the whole store instead\); " + REPAIR
 SQL_ERROR = r"^error: SQL error: "
 NOT_JSON = r"manifest\.json is not valid JSON \(.+\); corrupted manifest\?$"
 BAD_SAFETY_FILE = r"safety_tokens\.safetensors is not a readable safetensors file \(.+\)$"
-TOO_SMALL = SQL_ERROR + r"Invalid Input Error: File '.*/{}' too small to be a Parquet file"
 BAD_COUNT = r"manifest\.json: safety_tokens\.count {} is not a positive integer \(corrupted manifest\?\)$"
 CONTROL_PATH = r"manifest path 'targets/part\\x00\.parquet' contains control characters \(tampered manifest\?\)$"
 PART = r"targets/part-s0of1-\w+\.parquet"
@@ -336,8 +337,8 @@ DAMAGES = [
     Damage("part_truncated", _truncate_part, sql=UNREADABLE, reader=UNREADABLE),
     Damage("part_zero_bytes", lambda s, o: _part(s).write_bytes(b""), sql=UNREADABLE, reader=UNREADABLE),
     Damage("part_missing", lambda s, o: _part(s).unlink(),
-           sql=SQL_ERROR + rf'IO Error: No files found that match the pattern ".*/{PART}"',
-           reader=rf"^store part {PART} is listed in the manifest but missing$"),
+           sql=rf"^error: store part {PART} is listed in the manifest but missing; " + REPAIR,
+           reader=rf"^store part {PART} is listed in the manifest but missing; " + REPAIR),
     Damage("part_without_values_column", _rewrite_part("targets", lambda t: t.drop_columns(["full_logprobs"])),
            sql=WRONG_SCHEMA, reader=WRONG_SCHEMA),
     Damage("part_values_of_wrong_width", _rewrite_part("targets", _narrow_values), sql=WRONG_SCHEMA,
@@ -346,13 +347,13 @@ DAMAGES = [
         3, "step", pa.array([str(v) for v in t.column("step").to_pylist()]))), sql=WRONG_SCHEMA,
            reader=WRONG_SCHEMA),
     Damage("part_steps_out_of_order", _rewrite_part("targets", _scramble_steps),
-           reader=r"^store part part-s0of1-\w+\.parquet: steps are not 0\.\.T-1 per example \(corrupted part\?\)$"),
+           reader=r"^store part part-s0of1-\w+\.parquet: steps are not 0\.\.T-1 per example \(corrupted part\?\); " + REPAIR),
     Damage("part_nan_in_full_logprobs", _rewrite_part("targets", _poke("full_logprobs", np.nan)), sql=OK,
            reader=r"^example ex\d: stored targets contain NaN or inf \(corrupted part\?\); rerun pact precompute over the same data to recompute them$"),
     Damage("part_inf_in_post_logprobs", _rewrite_part("post", _poke("post_logprobs", np.inf)), sql=OK,
            reader=r"^example ex\d: stored targets contain NaN or inf \(corrupted part\?\); rerun pact precompute over the same data to recompute them$"),
     Damage("tokens_parquet_garbage", lambda s, o: (s.root / "tokens.parquet").write_bytes(b"PAR1 junk"),
-           sql=TOO_SMALL.format(r"tokens\.parquet")),
+           sql=r"tokens\.parquet is unreadable \(.+\); rerun the `pact tokens` command that wrote the store$"),
     Damage("manifest_truncated_json", _manifest_text('{"schema_version": 1, "parts": ['),
            sql=NOT_JSON, reader=NOT_JSON, safety=NOT_JSON),
     Damage("manifest_empty", _manifest_text(""), sql=NOT_JSON, reader=NOT_JSON, safety=NOT_JSON),
@@ -395,11 +396,11 @@ DAMAGES = [
     Damage("path_empty", _first_path(""), sql=r"manifest path '' is not a non-empty string",
            reader=r"manifest path '' is not a non-empty string", safety=r"manifest path '' is not a non-empty string"),
     Damage("path_nul_byte", _first_path("targets/part\x00.parquet"), **dict.fromkeys(SURFACES, CONTROL_PATH)),
-    Damage("path_symlink_to_outside_file", _symlink_part, sql=OUTSIDE, reader=OUTSIDE),
-    Damage("path_through_symlinked_directory", _symlink_targets_dir, sql=OUTSIDE, reader=OUTSIDE),
+    Damage("path_symlink_to_outside_file", _symlink_part, sql=SYMLINKED, reader=SYMLINKED),
+    Damage("path_through_symlinked_directory", _symlink_targets_dir, sql=SYMLINKED, reader=SYMLINKED),
     Damage("path_names_the_manifest", _first_path("manifest.json"),
-           sql=r"store part manifest\.json is unreadable \(.+\); delete it and rerun `pact precompute`$",
-           reader=r"^store part manifest\.json is unreadable \(.+\); delete it and rerun `pact precompute`$"),
+           sql=r"store part manifest\.json is unreadable \(.+\); " + REPAIR,
+           reader=r"^store part manifest\.json is unreadable \(.+\); " + REPAIR),
     Damage("safety_file_garbage", _safety_bytes(lambda b: b"\x00" * 100), sql=OK, safety=BAD_SAFETY_FILE),
     Damage("safety_file_truncated", _safety_bytes(lambda b: b[:-10]), safety=BAD_SAFETY_FILE),
     Damage("safety_file_header_too_large", _safety_bytes(lambda b: (2**62).to_bytes(8, "little") + b"{}"),

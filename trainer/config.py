@@ -14,6 +14,7 @@ from pathlib import Path
 from pact.core.config import check_choice, check_int, check_number, flag, setting
 from pact.core.data import FORMATS
 from pact.core.errors import PactError
+from pact.store.tables import check_table_name
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
 from pact.trainer.loss import PactConfig
 
@@ -166,6 +167,8 @@ def _check(config: TrainConfig) -> None:
         raise PactError("TrainConfig.pact must be a pact.PactConfig")
     check_number(config.targets_memory_mb, name("targets_memory_mb"), minimum=0.0, inclusive=False)
     check_int(config.probe_every, name("probe_every"), 0)
+    if config.run_id is not None:
+        check_table_name(config.run_id, name("run_id"))
     check_int(config.probe_batch_size, name("probe_batch_size"))
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")

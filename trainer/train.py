@@ -57,6 +57,8 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
+from pact.core.outputs import check_output_dir
+from pact.store.lock import run_writer
 from pact.store.manifest import Store
 from pact.store.tables import METRICS_SCHEMA, write_table
 from pact.trainer import checkpoint
@@ -437,7 +439,7 @@ def train(config: TrainConfig) -> TrainResult:
     initialised here (gloo on CPU, nccl on CUDA) unless the caller did, the model is
     wrapped in DDP (or sharded with FSDP), and rank 0 writes; see docs/distributed.md.
     """
-    with distributed.process_group(config.device) as ranks:
+    with distributed.process_group(config.device) as ranks, contextlib.ExitStack() as held:
         device = models.resolve_device(distributed.rank_device(config.device, ranks))
         run_dir = Path(config.out)
         with distributed.agreeing():
@@ -448,6 +450,9 @@ def train(config: TrainConfig) -> TrainResult:
                 )
             if run_dir.exists() and not run_dir.is_dir():
                 raise PactError(f"--out {run_dir} exists and is not a directory")
+            check_output_dir(run_dir, {"the store": config.store, "the model": config.model})
+            if ranks.is_main:  # one writer per run directory; the checks below run under it
+                held.enter_context(run_writer(run_dir))
             if not config.resume and (run_dir / "config.json").exists():
                 raise PactError(
                     f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"

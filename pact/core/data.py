@@ -239,6 +239,10 @@ def _parse_messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
+# Marks, embeddings, overrides and isolates of the Unicode bidirectional algorithm.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _row_id(row: Any) -> str | None:
     if not isinstance(row, dict) or row.get("id") is None:
         return None
@@ -250,8 +254,10 @@ def _row_id(row: Any) -> str | None:
         raise _RowError("field 'id' is empty")
     if len(text) > 512:
         raise _RowError("field 'id' is longer than 512 characters")
-    if any(ord(c) < 32 for c in text):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):  # C0, DEL and C1 controls
         raise _RowError("field 'id' contains control characters")
+    if any(c in _BIDI_CONTROLS for c in text):
+        raise _RowError("field 'id' contains bidirectional-text controls (they reorder what a terminal shows)")
     return _check_text(text, "field 'id'")
 
 

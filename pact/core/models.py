@@ -6,9 +6,12 @@ unless the caller passes it explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,21 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def check_dir(path: str | os.PathLike, what: str) -> Path:
-    """`path` as a Path; PactError `<what> path ... does not exist / is not a directory`."""
+    """`path` as a Path; PactError `<what> path ... does not exist / is not a directory`,
+    or when one of its files is not a regular file (a FIFO, a device such as /dev/zero,
+    a broken link: reading it would hang or fail deep inside a loader)."""
     path = Path(path)
     if not path.exists():
         raise PactError(f"{what} path {path} does not exist")
     if not path.is_dir():
         raise PactError(f"{what} path {path} is not a directory (expected a local model directory)")
+    for entry in path.iterdir():
+        try:
+            mode = entry.stat().st_mode  # through links: a hub cache links its files to blobs
+        except OSError:
+            raise PactError(f"{what} file {entry} is a broken link or cannot be read") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise PactError(f"{what} file {entry} is not a regular file (a device, FIFO or socket); refusing to read it")
     return path
 
 
@@ -84,8 +96,12 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    allow_partial_weights: bool = False,
 ) -> Any:
-    """A causal LM from a local directory of safetensors weights, in eval mode on `device`."""
+    """A causal LM from a local directory of safetensors weights, in eval mode on `device`.
+
+    Refused with one line: weights that do not fill the model its config.json describes
+    (unless `allow_partial_weights`), NaN or inf in any weight, any load failure."""
     from transformers import AutoModelForCausalLM
 
     path = check_dir(path, "model")
@@ -93,12 +109,60 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, ignore_mismatched_sizes=True,
+            )  # fmt: skip
+    except Exception as exc:  # a bad checkpoint surfaces as any of a dozen types, all one line here
+        raise PactError(f"cannot load a model from {path}: {_first_line(exc)}") from None
+    if not allow_partial_weights:
+        check_loading_info(path, info)
+    model = model.to(device).eval()
+    check_finite_weights(path, model)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' load report (a multi-line table) off while loading: pact says it in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """PactError when the weights do not fill the model config.json describes: weights
+    missing (left at random init), unexpected (unused), or of another shape."""
+    parts = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        if names:
+            parts.append(f"{len(names)} {label} (first: {names[0]})")
+    if parts:
+        raise PactError(
+            f"the weights in {path} do not match its config.json: {'; '.join(parts)} "
+            "(another model's config, or a cut checkpoint?)"
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise PactError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+
+
+def check_finite_weights(path: str | os.PathLike, model: Any) -> None:
+    """PactError naming the first parameter that holds NaN or inf."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+            raise PactError(f"the weights in {path} hold NaN or inf (first in {name}); refusing to use them")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -111,9 +175,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _cached_file_sha256(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) under PACT_CACHE_DIR or ~/.cache/pact."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    """sha256 of a file, cached by (path, size, mtime, ctime, device, inode) under
+    PACT_CACHE_DIR or ~/.cache/pact."""
+    info = path.stat()
+    # ctime and inode too: an in-place edit that restores the mtime still changes the ctime
+    key = f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_dev}|{info.st_ino}"
     cache_dir = Path(os.environ.get("PACT_CACHE_DIR", Path.home() / ".cache" / "pact"))
     cache_file = cache_dir / "file_hashes.json"
     cache: dict[str, str] = {}

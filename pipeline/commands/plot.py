@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pact.core.outputs import check_output_file
 from pact.pipeline.plot import plot_store
 
 
@@ -17,5 +18,6 @@ def plot_command(store_dir: str, out: str, run: str | None) -> None:
 
     The latest evaluation of each (model, dataset, metric) is drawn.
     """
+    check_output_file(out, {"the store": store_dir, "the run directory": run})
     path = plot_store(store_dir, out, run)
     click.echo(f"wrote {path}")

@@ -10,6 +10,7 @@ from pact.core import distributed
 from pact.core.config import cli_options
 from pact.core.errors import PactError
 from pact.pipeline.precompute import PrecomputeOptions, run_precompute, torchrun_defaults
+from pact.store.lock import waiting_for_writers
 
 
 @click.command("precompute")
@@ -23,8 +24,11 @@ from pact.pipeline.precompute import PrecomputeOptions, run_precompute, torchrun
               help="Compute shard i of N (i/N): examples with sha256(example_id) % N == i, for machines started "
               "without torchrun. Default 0/1; under torchrun each rank computes RANK/WORLD_SIZE.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--wait", is_flag=True, help="If another pact process is writing this shard of --store, wait for it instead of stopping.")
+@click.option("--wait", "wait", is_flag=True, help="If another pact process is writing this shard of --store, wait for it instead of stopping.")
 def precompute_command(
-    reference: str, data: str, store_dir: str, shard: str | None, no_progress: bool, device: str, **options: object
+    reference: str, data: str, store_dir: str, shard: str | None, no_progress: bool, wait: bool, device: str,
+    **options: object,
 ) -> None:
     """Run the reference model once over --data and cache its safety-token targets in --store.
 
@@ -45,6 +49,7 @@ def precompute_command(
         options = PrecomputeOptions(
             device=rank_device, shard=shard_of_run, progress=not no_progress and ranks.is_main, **options
         )
-        summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
+        with waiting_for_writers(wait):
+            summary = run_precompute(reference, data, store_dir, options, echo=lambda m: click.echo(m, err=True))
         if ranks.is_main:
             click.echo(summary.line())

@@ -72,7 +72,11 @@ def _attachments(ctx: click.Context, param: click.Parameter, values: tuple[str, 
     help="Also read another store; its views become NAME.targets, NAME.confidences, ... "
     "NAME: letters, digits and _ (not main, memory, temp, system, a view name or an SQL keyword). Repeatable.",
 )
-def sql_command(store_dir: str, sql: str, fmt: str, attach: list[tuple[str, Store]]) -> None:
+@click.option(
+    "--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Stop the query after SECONDS (exit code 2). Ctrl-C stops it at any time (exit code 130).",
+)
+def sql_command(store_dir: str, sql: str, fmt: str, attach: list[tuple[str, Store]], timeout: float | None) -> None:
     """Run a read-only SQL query against STORE (and the stores given with --attach).
 
     Views: safety_tokens, targets, post_targets, confidences (example_id, step,
@@ -88,7 +92,7 @@ def sql_command(store_dir: str, sql: str, fmt: str, attach: list[tuple[str, Stor
         GROUP BY example_id ORDER BY drift DESC LIMIT 10"
     Both stores must hold the same safety-token set (see docs/store.md).
     """
-    columns, rows = query(Store(store_dir), sql, attach)
+    columns, rows = query(Store(store_dir), sql, attach, timeout=timeout)
     if fmt == "table":
         click.echo(format_table(columns, rows))
     elif fmt == "csv":

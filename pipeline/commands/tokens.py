@@ -9,6 +9,7 @@ from pact.core.config import cli_options
 from pact.core.errors import PactError
 from pact.pipeline.commands.sql import format_table
 from pact.pipeline.tokens import TokensOptions, TokensResult, run_tokens
+from pact.store.lock import waiting_for_writers
 
 TABLE_COLUMNS = ["rank", "token_id", "token", "aligned_prob", "base_prob", "score", "weight"]
 
@@ -59,9 +60,12 @@ def summary_line(result: TokensResult) -> str:
 @click.option("--store", "store_dir", required=True, type=click.Path(path_type=str),
               help="Store directory to write the safety tokens to (created when missing).")
 @cli_options(TokensOptions)
+@click.option("--wait", is_flag=True, help="If another pact process is writing --store, wait for it instead of stopping.")
 @click.option("--show", default=20, show_default=True,
               help="Tokens printed per group (weight > 0, weight 0); 0 prints only the summary.")
-def tokens_command(aligned_dir: str, base_dir: str, data_path: str, store_dir: str, show: int, **options: object) -> None:
+def tokens_command(
+    aligned_dir: str, base_dir: str, data_path: str, store_dir: str, wait: bool, show: int, **options: object
+) -> None:
     """Stage 0: find the safety tokens of an aligned model against its base model.
 
     Scores every token by how much more probable the aligned model makes it than
@@ -71,7 +75,9 @@ def tokens_command(aligned_dir: str, base_dir: str, data_path: str, store_dir: s
     """
     if show < 0:
         raise PactError(f"--show must be 0 or more, got {show}")
-    result = run_tokens(aligned_dir, base_dir, data_path, store_dir, TokensOptions(**options))
+    options = TokensOptions(**options)
+    with waiting_for_writers(wait):
+        result = run_tokens(aligned_dir, base_dir, data_path, store_dir, options)
     if result.stale_parts:
         click.echo(
             f"warning: the store's {result.stale_parts} target parts were computed with the old "

@@ -6,6 +6,7 @@ import click
 
 from pact.core import distributed
 from pact.core.config import cli_options, take
+from pact.store.lock import waiting_for_writers
 from pact.trainer.config import TrainConfig
 from pact.trainer.loss import PactConfig
 from pact.trainer.train import train
@@ -14,7 +15,8 @@ from pact.trainer.train import train
 @click.command("train")
 @cli_options(TrainConfig)
 @cli_options(PactConfig)
-def train_command(**options: object) -> None:
+@click.option("--wait", is_flag=True, help="If another pact train is writing --out, wait for it instead of stopping.")
+def train_command(wait: bool, **options: object) -> None:
     """Fine-tune --model on --data with the PACT loss (CE + λ·KL on the safety tokens),
     reading the reference's statistics from --store: the reference is never loaded.
 
@@ -26,7 +28,8 @@ def train_command(**options: object) -> None:
     RUN/config.json, RUN/metrics.parquet and the store's `metrics` table.
     """
     config = TrainConfig(pact=PactConfig(**take(PactConfig, options)), **options)
-    result = train(config)
+    with waiting_for_writers(wait):
+        result = train(config)
     if not distributed.launch_ranks().is_main:
         return
     click.echo(f"run: {result.run_dir} (run_id {result.run_id})")

@@ -72,8 +72,8 @@ def test_pact_data_with_a_tokenizer_counts_and_warns(data_file, tokenizer_dir):
 
 
 def test_pact_train_warns_the_same_way(tiny_tokenizer, data_file, tmp_path, capsys):
-    from pact.trainer.inputs import prepare_inputs
     from pact.trainer.config import TrainConfig
+    from pact.trainer.inputs import prepare_inputs
 
     model = tmp_path / "model"
     make_model(model, len(tiny_tokenizer))

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,3 +113,24 @@ def describe_changes(before: Snapshot, after: Snapshot) -> str:
     changes += [f"removed {p}" for p in sorted(before.keys() - after.keys())]
     changes += [f"changed {p}" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
     return ", ".join(changes)
+
+
+@contextlib.contextmanager
+def holding(call: str) -> Iterator[subprocess.Popen]:
+    """Another process that holds `pact.store.lock.<call>` (command 'pact fake --holder')
+    until the block ends."""
+    code = (
+        "import sys\nfrom pact.store import lock\n"
+        f"with lock.{call}:\n    print('ready', flush=True)\n    sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        ready = child.stdout.readline()
+        assert ready == "ready\n", child.stderr.read()
+        yield child
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)

@@ -374,6 +374,34 @@ def test_adapter_run_directory(env, store, tmp_path):
     assert {r["model"] for r in rows} == {"run"}
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft, in the test's own set-up
+def test_adapter_run_whose_base_model_was_replaced_is_refused(env, tmp_path):
+    """Issue 15: `pact eval` of a LoRA run accepted a base model replaced after training."""
+    base = shutil.copytree(env["reference"], tmp_path / "base")
+    run = make_adapter_run(env, tmp_path / "run")
+    recorded = model_fingerprint(base)
+    (run / "config.json").write_text(json.dumps({"options": {"model": str(base)}, "fingerprints": {"model": recorded}}))
+    assert resolve_model(run).weights_dir == base
+    other = model_variant_dir(env, tmp_path / "other")
+    shutil.rmtree(base)
+    shutil.copytree(other, base)
+    with pytest.raises(PactError, match=rf"the base model {base} named in .*config\.json is not the one the adapter was trained on \(fingerprint \w+ != {recorded}, recorded at training\): restore that model$"):
+        resolve_model(run)
+
+
+def model_variant_dir(env, path: Path) -> Path:
+    """A copy of the reference with one weight changed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(env["reference"], path)
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
+
+
 def test_merged_model_run_directory(env, store, tmp_path):
     run = tmp_path / "full-run"
     shutil.copytree(env["reference"], run / "model")

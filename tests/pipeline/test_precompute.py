@@ -569,7 +569,7 @@ def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
     assert registered == 8  # two parts: --part-size 3 closes each at the end of a batch of 4
     # what a kill during a write leaves: an unregistered part of this shard and a temporary
     (store.root / "targets" / "part-s0of1-deadbeef0000.parquet").write_bytes(b"half")
-    (store.root / "post" / ".tmp-part-s0of1-x.parquet.123").write_bytes(b"half")
+    (store.root / "post" / ".tmp-part-s0of1-0123456789ab.parquet.abcd1234").write_bytes(b"half")
     summary, _ = _run(assets, data, store)
     assert (summary.computed, summary.skipped) == (len(ROWS) - registered, registered)
     _assert_same(read_all_targets(store), read_all_targets(reference), atol=0)  # bit for bit: same batches

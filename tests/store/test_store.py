@@ -56,9 +56,9 @@ def test_unregistered_and_temporary_parts_are_invisible_and_cleaned(tmp_path):
     make_safety(store)
     fill(store, count=2)
     manifest = store.read_manifest()
-    orphan = store.root / "targets" / "part-s0of1-orphan.parquet"
+    orphan = store.root / "targets" / "part-s0of1-0123456789ab.parquet"
     orphan.write_bytes((store.root / manifest["parts"][1]["path"]).read_bytes())
-    temporary = store.root / "targets" / ".tmp-part-s0of1-x.parquet.abc"
+    temporary = store.root / "targets" / ".tmp-part-s0of1-0123456789ab.parquet.k2x_9qab"
     temporary.write_bytes(b"half")
     assert len(TargetReader(store)) == 2
     TargetWriter(store, S)
