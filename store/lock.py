@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pact.core.errors import PactError
+from pact.core.text import one_line
 from pact.store.manifest import repair_advice
 
 STORE_LOCK = ".writer.lock"
@@ -123,15 +124,10 @@ def holder(path: Path) -> str:
         with open(path, "rb") as handle:
             info = json.loads(handle.read(4096).decode("utf-8"))
         started = datetime.datetime.fromtimestamp(float(info["started"]), datetime.timezone.utc)
-        command = _printable(str(info["command"]))
-        return f"pid {int(info['pid'])} on {_printable(str(info['host']))}, '{command}', started {started:%Y-%m-%d %H:%M:%S} UTC"
+        command = one_line(str(info["command"]), 160)
+        return f"pid {int(info['pid'])} on {one_line(str(info['host']), 160)}, '{command}', started {started:%Y-%m-%d %H:%M:%S} UTC"
     except (OSError, ValueError, KeyError, TypeError):
         return "another pact process"
-
-
-def _printable(text: str, limit: int = 160) -> str:
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_holder(fd: int, command: str) -> None:

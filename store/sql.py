@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from pact.core.errors import PactError
+from pact.core.text import one_line
 from pact.store.manifest import Store, repair_advice
 from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA, check_tokens_table
 from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
@@ -200,10 +201,6 @@ def connect_readonly(store: Store, attach: Iterable[tuple[str, Store]] = ()) -> 
     return con
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:500]
-
-
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     """The parsed statements of `sql`; PactError unless every one is a SELECT.
 
@@ -212,7 +209,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise PactError(f"SQL error: {_one_line(str(exc))}") from None
+        raise PactError(f"SQL error: {one_line(str(exc), 500)}") from None
     if not statements:
         raise PactError("no SQL statement given")
     for statement in statements:
@@ -295,7 +292,7 @@ def query(
 
         return run_interruptible(con, run, timeout)
     except duckdb.Error as exc:
-        raise PactError(f"SQL error: {_one_line(str(exc))}") from None
+        raise PactError(f"SQL error: {one_line(str(exc), 500)}") from None
     finally:
         if con is not None:
             with contextlib.suppress(duckdb.Error):  # busy: a query that would not stop

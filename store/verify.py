@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pact.core.atomic import TEMP_PREFIX, atomic_write_bytes
 from pact.core.errors import PactError
+from pact.core.text import one_line
 from pact.store.lock import store_writer
 from pact.store.manifest import MANIFEST, PART_KINDS, Store, _validate, check_relative_path
 from pact.store.safety import check_tokens_table, load_safety_set
@@ -63,13 +64,9 @@ class Report:
         return [f for f in self.findings if not f.warning]
 
     def add(self, path: str, message: str, *, delete: Path | None = None, warning: bool = False) -> None:
-        self.findings.append(Finding(path, _printable(message), warning))
+        self.findings.append(Finding(path, one_line(message, 300), warning))
         if delete is not None:
             self.delete.append(delete)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in " ".join(text.split()))[:300]
 
 
 def _raw_manifest(store: Store) -> dict[str, Any]:
@@ -85,7 +82,7 @@ def _raw_manifest(store: Store) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PactError(
-            f"{path} is not valid JSON ({_printable(str(exc))[:120]}); repair cannot rebuild it: restore it "
+            f"{path} is not valid JSON ({one_line(str(exc), 120)}); repair cannot rebuild it: restore it "
             "from a backup, or delete the store and rerun `pact tokens` and `pact precompute`"
         ) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), list):

@@ -38,7 +38,6 @@ LAYERS = {
     "pact.pipeline.cli": "top",
     "pact.pipeline.commands": "top",
     "pact.pipeline.demo": "top",
-    "pact.pipeline.table_text": "top",
     "pact.integrations": "top",
     "pact.__main__": "top",
 }

@@ -11,7 +11,7 @@ import math
 import click
 
 from pact.core.errors import PactError
-from pact.pipeline.table_text import display_width, escape_control, pad
+from pact.core.text import display_width, escape_control, pad
 from pact.store.manifest import Store
 from pact.store.sql import check_attachments, query
 
@@ -28,7 +28,7 @@ def _cell(value: object) -> str:
 
 def format_table(columns: list[str], rows: list[tuple]) -> str:
     """A plain aligned text table: one line per row (control characters escaped),
-    columns aligned by display width (pipeline/table_text.py)."""
+    columns aligned by display width (pact/core/text.py)."""
     heads = [escape_control(c) for c in columns]
     cells = [[escape_control(_cell(v)) for v in row] for row in rows]
     widths = [max([display_width(c)] + [display_width(r[i]) for r in cells]) for i, c in enumerate(heads)]

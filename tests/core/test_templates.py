@@ -285,8 +285,8 @@ def test_sql_tables_of_real_tokens_are_one_row_per_line(qwen_store):
 
     from click.testing import CliRunner
 
+    from pact.core.text import display_width
     from pact.pipeline.commands.sql import sql_command
-    from pact.pipeline.table_text import display_width
 
     store = str(qwen_store["store"].root)
     for sql in ("SELECT * FROM safety_tokens ORDER BY token_id",

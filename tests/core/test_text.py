@@ -1,10 +1,10 @@
 """`pact sql --format table` cells: control characters escaped, columns aligned by
-display width (pipeline/table_text.py); csv and json stay exact (test_templates.py)."""
+display width (pact/core/text.py); csv and json stay exact (test_templates.py)."""
 
 from __future__ import annotations
 
+from pact.core.text import display_width, escape_control, pad
 from pact.pipeline.commands.sql import format_table
-from pact.pipeline.table_text import display_width, escape_control, pad
 
 
 def test_control_characters_are_escaped():

@@ -50,3 +50,10 @@ def display_width(text: str) -> int:
 def pad(text: str, width: int) -> str:
     """`text` left-aligned in `width` display columns."""
     return text + " " * max(width - display_width(text), 0)
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` for a one-line message: whitespace runs (newlines included) as one space,
+    control characters escaped, cut to `limit` characters with '...'."""
+    text = escape_control(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
