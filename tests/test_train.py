@@ -602,6 +602,7 @@ def test_full_finetune_output_loads(world: World, tmp_path: Path) -> None:
         ({"max_steps": 0}, r"^--max-steps must be an integer >= 1, got 0$"),
         ({"save_every": -1}, r"^--save-every must be an integer >= 0, got -1$"),
         ({"max_length": 1}, r"^--max-length must be an integer >= 2, got 1$"),
+        ({"head_chunk_logits": 0}, r"^--head-chunk-logits must be an integer >= 1, got 0$"),
     ],
 )
 def test_nonsense_options(world: World, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -781,7 +782,7 @@ def test_cli_parses_every_option(
         "--lora-targets", "q_proj, v_proj", "--epochs", "2", "--max-steps", "7", "--batch-size", "3",
         "--grad-accum", "5", "--lr", "0.002", "--weight-decay", "0.01", "--warmup-steps", "2",
         "--schedule", "linear", "--max-grad-norm", "0.5", "--gradient-checkpointing", "--seed", "9",
-        "--save-every", "3", "--resume", "--device", "cpu", "--run-id", "r1",
+        "--save-every", "3", "--resume", "--device", "cpu", "--run-id", "r1", "--head-chunk-logits", "4096",
         "--top-p", "0.8", "--gate-alpha", "3", "--gate-bias", "0.1", "--gate-temperature", "1.5",
         "--gate-prefix", "4", "--gate-decay", "0", "--gate-boost", "2", "--kl-temperature", "1",
     ]  # fmt: skip
@@ -792,7 +793,7 @@ def test_cli_parses_every_option(
         data_format="chat", max_length=128, finetune="full", lora_r=4, lora_alpha=8.0, lora_dropout=0.1,
         lora_targets=("q_proj", "v_proj"), epochs=2, max_steps=7, batch_size=3, grad_accum=5, lr=0.002,
         weight_decay=0.01, warmup_steps=2, schedule="linear", max_grad_norm=0.5, gradient_checkpointing=True,
-        seed=9, save_every=3, resume=True, device="cpu", run_id="r1",
+        seed=9, save_every=3, resume=True, device="cpu", run_id="r1", head_chunk_logits=4096,
         pact=PactConfig(top_p=0.8, alpha=3.0, bias=0.1, gate_temperature=1.5, prefix_n=4, decay_tau=0.0, boost=2.0, temperature=1.0),
     )  # fmt: skip
     defaults = CliRunner().invoke(

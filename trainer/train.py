@@ -59,6 +59,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet
 from pact.store.tables import METRICS_SCHEMA, write_table
@@ -70,16 +71,10 @@ from pact.trainer.batches import (
     collate,
     epoch_batches,
     rank_share,
-    response_token_logprobs,
-    step_positions,
 )
 from pact.trainer.checkpoint import TrainerState
-from pact.trainer.loss import (
-    PactConfig,
-    constrained_sft_loss,
-    cross_entropy_and_subset,
-    pact_kl_terms,
-)
+from pact.trainer.fused import fused_batch_loss
+from pact.trainer.loss import PactConfig
 from pact.trainer.reference import OnlineReference
 
 METHODS = ("pact", "sft", "constrained-sft")
@@ -93,7 +88,7 @@ DEFAULT_MAX_LENGTH = 1024
 RESUMABLE_CHANGES = frozenset(
     {
         "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
-        "targets_memory_mb", "fsdp",
+        "targets_memory_mb", "fsdp", "head_chunk_logits",
     }
 )  # fmt: skip
 # --batch-size may change on resume when the world size changes with it: the global
@@ -136,6 +131,7 @@ class TrainConfig:
     device: str = "auto"  # under torchrun, auto / cuda mean cuda:LOCAL_RANK
     run_id: str | None = None  # name in the store's metrics table; default: RUN's folder name
     targets_memory_mb: float = DEFAULT_MEMORY_BUDGET_MB  # cache of target row groups read from the store
+    head_chunk_logits: int = DEFAULT_HEAD_CHUNK_LOGITS  # logits per LM-head chunk (memory, not results)
     fsdp: bool = False  # under torchrun: shard the model with FSDP instead of DDP (full fine-tuning)
     probe: str | None = None  # safety set (prompt, refusal) for the drift probe
     probe_every: int = 0  # optimizer steps between drift probes; 0 = no probe
@@ -270,6 +266,7 @@ def check_config(config: TrainConfig) -> None:
     if not isinstance(config.pact, PactConfig):
         raise PactError("TrainConfig.pact must be a trainer.loss.PactConfig")
     _number(config.targets_memory_mb, "--targets-memory-mb", minimum=0.0, inclusive=False)
+    _positive_int(config.head_chunk_logits, "--head-chunk-logits")
     _positive_int(config.probe_every, "--probe-every", 0)
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
@@ -387,35 +384,24 @@ def batch_loss(
     safety_ids: Tensor | None,
     weights: Tensor | None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    head_chunk_logits: int = DEFAULT_HEAD_CHUNK_LOGITS,
 ) -> StepLoss:
     """Forward `batch` through `model` and return its loss (token means over the batch).
 
     pact: CE + kl_weight · pact_kl; sft: CE; constrained-sft: the Qi et al. loss on the
     response token log-probs. `batch.reference` must hold the reference targets for
-    pact and constrained-sft.
+    pact and constrained-sft. The LM head runs only on the label and step rows, in
+    chunks of `head_chunk_logits` logits (`trainer/fused.py`).
     """
-    with autocast():
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits
-    if method == "constrained-sft":
-        student = response_token_logprobs(
-            logits, batch.input_ids, batch.response_start, batch.step_mask
-        )
-        loss = constrained_sft_loss(student, batch.reference.token_logprobs, batch.step_mask)
-        ce = -(student.detach() * batch.step_mask).sum() / batch.step_mask.sum()
-        return StepLoss(loss, float(ce), None, None)
-    if method == "sft":
-        ce, _ = cross_entropy_and_subset(logits, batch.labels)
-        return StepLoss(ce, float(ce.detach()), None, None)
-    positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
-    ce, u = cross_entropy_and_subset(logits, batch.labels, positions, safety_ids)
-    terms = pact_kl_terms(
-        u, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact
-    )
-    gate_mean = terms.gate.sum() / batch.step_mask.sum()
+    terms = fused_batch_loss(
+        model, batch, method=method, kl_weight=kl_weight, pact=pact, safety_ids=safety_ids,
+        weights=weights, autocast=autocast, head_chunk_logits=head_chunk_logits,
+    )  # fmt: skip
     return StepLoss(
-        ce + kl_weight * terms.kl, float(ce.detach()), float(terms.kl.detach()), float(gate_mean)
+        terms.loss,
+        float(terms.ce),
+        None if terms.kl is None else float(terms.kl),
+        None if terms.gate_mean is None else float(terms.gate_mean),
     )
 
 
@@ -790,6 +776,7 @@ def _train(
             tokenizer.pad_token_id,
             adapters_disabled=lora,
             autocast=autocast,
+            head_chunk_logits=config.head_chunk_logits,
         )
     # DDP (or FSDP) under torchrun; the model itself in a single process.
     wrapped = distributed.wrap_model(model, ranks, device, fsdp=config.fsdp)
@@ -861,6 +848,7 @@ def _train(
         return batch_loss(
             wrapped, batch, method=config.method, kl_weight=config.kl_weight,
             pact=config.pact, safety_ids=safety_ids, weights=weights, autocast=autocast,
+            head_chunk_logits=config.head_chunk_logits,
         )  # fmt: skip
 
     def save() -> None:

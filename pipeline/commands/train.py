@@ -6,6 +6,7 @@ import click
 
 from pact.core import distributed
 from pact.core.data import FORMATS
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
 from pact.pipeline.training import run_train
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
 from pact.trainer.loss import PactConfig
@@ -133,6 +134,13 @@ _PACT = PactConfig()
     default=DEFAULT_MEMORY_BUDGET_MB,
     show_default=True,
     help="Memory for target row groups read from the store (an LRU cache; targets stream from disk).",
+)
+@click.option(
+    "--head-chunk-logits",
+    type=int,
+    default=DEFAULT_HEAD_CHUNK_LOGITS,
+    show_default=True,
+    help="Logits per LM-head chunk (rows x vocabulary): bounds the head's memory; results do not change.",
 )
 @click.option(
     "--fsdp",
