@@ -375,7 +375,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-coefficient[:, None])
             grad_logits.scatter_add_(1, index, coefficient[:, None])
             grad_logits = _chain(grad_logits, head.transform, derivative)
-            _accumulate(grad_logits, h, weight, rows, grad_hidden, grad_weight, grad_bias, slice(None))
+            _accumulate(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, slice(None))
             del logits, grad_logits, derivative
         subset_total = torch.zeros((), dtype=torch.float32, device=device)
         if subset is not None:
