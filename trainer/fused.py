@@ -76,7 +76,6 @@ def fused_batch_loss(
 ) -> FusedLoss:
     """The loss of `batch` (pact: CE + kl_weight · KL; sft: CE; constrained-sft: Qi et
     al.), token means over the batch, through the chunked head of `model`."""
-    head = LMHead.of(model)
     label_rows, step_rows, valid = _flat_rows(batch)
     if method == "constrained-sft":
         wanted = step_rows[valid]
@@ -89,6 +88,7 @@ def fused_batch_loss(
         hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask)
     selected = hidden.reshape(-1, hidden.shape[-1])[rows]
     del hidden
+    head = LMHead.of(model)  # after the forward: FSDP has gathered the head's weight for it
     targets, labelled = _next_tokens(batch, rows)
     steps = torch.searchsorted(rows, step_rows[valid])  # where each valid step's row sits
 
