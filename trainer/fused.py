@@ -75,7 +75,22 @@ def fused_batch_loss(
     head_chunk_logits: int = DEFAULT_HEAD_CHUNK_LOGITS,
 ) -> FusedLoss:
     """The loss of `batch` (pact: CE + kl_weight · KL; sft: CE; constrained-sft: Qi et
-    al.), token means over the batch, through the chunked head of `model`."""
+    al.), token means over the batch, through the chunked head of `model`. The decoder
+    and the head's matmuls run under `autocast`; the losses are float32."""
+    with autocast():
+        return _fused_batch_loss(model, batch, method, kl_weight, pact, safety_ids, weights, head_chunk_logits)
+
+
+def _fused_batch_loss(
+    model: Any,
+    batch: Batch,
+    method: str,
+    kl_weight: float,
+    pact: PactConfig,
+    safety_ids: Tensor | None,
+    weights: Tensor | None,
+    head_chunk_logits: int,
+) -> FusedLoss:
     label_rows, step_rows, valid = _flat_rows(batch)
     if method == "constrained-sft":
         wanted = step_rows[valid]
@@ -84,8 +99,7 @@ def fused_batch_loss(
             raise PactError("labels have no token to predict: the batch has no response tokens")
         wanted = torch.cat([label_rows, step_rows[valid]]) if method == "pact" else label_rows
     rows = torch.unique(wanted)
-    with autocast():
-        hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask)
+    hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask)
     selected = hidden.reshape(-1, hidden.shape[-1])[rows]
     del hidden
     head = LMHead.of(model)  # after the forward: FSDP has gathered the head's weight for it

@@ -77,15 +77,15 @@ class OnlineReference:
         safety ids) and, with target_ids [B, T], `token_logprob` [B, T]; float32."""
         with self.autocast():
             hidden = decoder_hidden(self.model, input_ids, attention_mask)
-        rows = gather_steps(hidden, first_step, steps, offset=0)  # [B, T, H]
-        del hidden
-        stats = head_stats(
-            LMHead.of(self.model),
-            rows.reshape(-1, rows.shape[-1]),
-            budget=self.head_chunk_logits,
-            safety_ids=self.safety_ids,
-            target_ids=None if target_ids is None else target_ids.reshape(-1),
-        )
+            rows = gather_steps(hidden, first_step, steps, offset=0)  # [B, T, H]
+            del hidden
+            stats = head_stats(
+                LMHead.of(self.model),
+                rows.reshape(-1, rows.shape[-1]),
+                budget=self.head_chunk_logits,
+                safety_ids=self.safety_ids,
+                target_ids=None if target_ids is None else target_ids.reshape(-1),
+            )
         shape = rows.shape[:2]
         return {key: value.view(*shape, *value.shape[1:]) for key, value in stats.items()}
 
