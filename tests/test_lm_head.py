@@ -20,7 +20,14 @@ from transformers import (
 )
 
 from pact.core.errors import PactError
-from pact.core.lm_head import HeadLoss, LMHead, LogitTransform, fused_head_loss, head_stats
+from pact.core.lm_head import (
+    HeadLoss,
+    LMHead,
+    LogitTransform,
+    check_head_matches_forward,
+    fused_head_loss,
+    head_stats,
+)
 from pact.trainer.batches import Batch, ReferenceTargets, gather_steps, response_token_logprobs
 from pact.trainer.loss import (
     PactConfig,
@@ -291,3 +298,27 @@ def test_transform_from_config() -> None:
     assert LogitTransform.of(tiny_model("gemma2").config) == LogitTransform(1.0, 3.0)
     assert LogitTransform.of(tiny_model("cohere").config) == LogitTransform(0.25, None)
     assert LogitTransform.of(tiny_model("llama").config).identity
+
+
+def test_a_model_whose_forward_ignores_its_configured_transform_is_refused() -> None:
+    model = with_lora(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    check_head_matches_forward(model, ids)  # the head pact resolves is the forward's
+    assert model.training  # train mode is restored
+    model.config.final_logit_softcapping = 0.5  # Llama's forward does not soft-cap
+    with pytest.raises(PactError, match=r"^LlamaForCausalLM post-processes its logits in a way pact does not reproduce"):
+        check_head_matches_forward(model, ids)
+
+
+def test_bf16_weights_accumulate_in_float32() -> None:
+    head, hidden = random_head(bias=False, transform=LogitTransform(1.0, 5.0))
+    low = LMHead(head.weight.detach().bfloat16().requires_grad_(True), None, head.transform)
+    rows = hidden.detach().bfloat16().requires_grad_(True)
+    targets = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(4))
+    spec = HeadLoss(targets, torch.full((11,), 1 / 11))
+    result = fused_head_loss(low, rows, spec, budget=VOCAB)
+    result.loss.backward()
+    exact = F.cross_entropy(naive_logits(LMHead(low.weight.detach().float(), None, head.transform), rows.detach().float()), targets)
+    assert result.loss.dtype == torch.float32
+    assert float(result.loss.detach()) == pytest.approx(float(exact), rel=2e-2)
+    assert rows.grad.dtype == low.weight.grad.dtype == torch.bfloat16

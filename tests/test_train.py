@@ -736,6 +736,18 @@ def test_unknown_lora_targets(world: World, tmp_path: Path) -> None:
         run_train(make_config(world, tmp_path / "run", lora_targets=("w_q", "w_v")))
 
 
+def test_a_model_whose_forward_does_not_match_its_head_is_refused(world: World, tmp_path: Path) -> None:
+    """A Llama whose config claims a soft-cap its forward ignores: the chunked head would
+    compute other logits than the model, so training refuses it before any step."""
+    model_dir = copy_model(world.model_dir, tmp_path / "capped")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["final_logit_softcapping"] = 0.001
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PactError, match=r"^LlamaForCausalLM post-processes its logits in a way pact does not reproduce"):
+        run_train(make_config(world, tmp_path / "run", model=str(model_dir), method="sft", store=None))
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_online_sft_variants_need_no_targets(world: World, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     make_safety(store, world.safety.vocab_size)  # a safety set, no targets

@@ -59,7 +59,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, EncodingOptions, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
-from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS, check_head_matches_forward
 from pact.store.manifest import Store
 from pact.store.safety import SafetySet
 from pact.store.tables import METRICS_SCHEMA, write_table
@@ -750,6 +750,7 @@ def _train(
 
     # The model being trained and, online, the reference.
     model = load_student(config, device, load_model)
+    check_head_matches_forward(model, torch.as_tensor(encoded[0].input_ids, device=device)[None])
     autocast = _autocast_factory(device)
     safety_ids = weights = None
     if inputs.safety is not None:

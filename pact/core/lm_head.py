@@ -23,6 +23,7 @@ time, and only the rows a stage asks for ever reach the head.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,13 @@ def unwrap(model: Any) -> Any:
     while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
+
+
+def _model_name(model: Any) -> str:
+    """The class name of the transformers model inside DDP and peft wrappers."""
+    model = unwrap(model)
+    base = getattr(model, "get_base_model", None)
+    return type(base() if callable(base) else model).__name__
 
 
 @dataclass(frozen=True)
@@ -180,9 +188,38 @@ def decoder_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Ten
     with _capture_output(body) as captured:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_position)
     if len(captured) != 1:
-        raise PactError(f"{type(unwrap(model)).__name__}: its forward did not run the decoder body once")
+        raise PactError(f"{_model_name(model)}: its forward did not run the decoder body once")
     output = captured[0]
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+HEAD_CHECK_TOKENS = 32
+HEAD_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.25}
+
+
+@torch.no_grad()
+def check_head_matches_forward(model: Any, input_ids: Tensor) -> None:
+    """Refuse a model whose forward post-processes its logits in a way `LMHead` does not
+    reproduce: compares log-softmax of `LMHead.of(model)` on `decoder_hidden` with that of
+    `model(input_ids).logits` on the first HEAD_CHECK_TOKENS ids of input_ids [1, L], in
+    eval mode (no dropout); PactError when they differ."""
+    ids = input_ids[:, :HEAD_CHECK_TOKENS]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = decoder_hidden(model, ids, mask)
+        ours = torch.log_softmax(LMHead.of(model).logits(hidden[0]), dim=-1)
+        theirs = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float(), dim=-1)
+    finally:
+        model.train(was_training)
+    gap = (ours - theirs).abs().max().item()
+    tolerance = HEAD_CHECK_TOLERANCE.get(LMHead.of(model).weight.dtype, 0.25)
+    if not math.isfinite(gap) or gap > tolerance:
+        raise PactError(
+            f"{_model_name(model)} post-processes its logits in a way pact does not reproduce "
+            f"(its LM head differs from the model's forward by {gap:.3g} in log-prob); this architecture is not supported"
+        )
 
 
 # ----------------------------------------------------------------------------- no-grad statistics
