@@ -259,10 +259,10 @@ def head_stats(
         out["top_k_ids"] = torch.empty(count, k, dtype=torch.long, device=device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logprobs = head.logits(hidden[rows])
-        lse = torch.logsumexp(logprobs, dim=-1)
-        logprobs.sub_(lse[:, None])
-        out["lse"][rows] = lse
+        logits = head.logits(hidden[rows])
+        out["lse"][rows] = torch.logsumexp(logits, dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        del logits
         if safety_ids is not None:
             out["safety_logprobs"][rows] = logprobs.index_select(1, safety_ids)
         if target_ids is not None:
