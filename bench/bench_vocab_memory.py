@@ -82,7 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=positive_int, help="alternated step-time rounds after one warm-up round (default: 2)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated shapes to measure, of " + ", ".join(SHAPES) + " (default: all; --quick: the first)")
+    parser.add_argument("--finetunes", default=",".join(FINETUNES),
+                        help="comma-separated fine-tuning modes to measure, of " + ", ".join(FINETUNES) + " (default: both)")
     args = parser.parse_args(argv)
+    args.finetunes = tuple(f.strip() for f in args.finetunes.split(",") if f.strip())
+    if not args.finetunes or any(f not in FINETUNES for f in args.finetunes):
+        parser.error(f"--finetunes: expected of {', '.join(FINETUNES)}, got {','.join(args.finetunes) or '(none)'}")
     sizes = QUICK if args.quick else FULL
     apply_sizes(args, sizes, ("batch_size", "rounds", "repeats"), ("hidden", "layers", "heads", "seq_len", "batches"))
     args.device = "cpu"
@@ -238,7 +243,7 @@ def measure(args: argparse.Namespace, model_dir: Path, shapes: dict[str, dict[st
             "out": str(workdir / "unused-run"), "cache_dir": str(workdir / "cache"),
             "batch_size": args.batch_size, "device": "cpu", "seed": args.seed,
         }  # fmt: skip
-        keys = [(finetune, name) for finetune in FINETUNES for name in VARIANTS]
+        keys = [(finetune, name) for finetune in args.finetunes for name in VARIANTS]
         memory: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
         first_losses: dict[tuple[str, str], float] = {}
         for round_index in range(args.repeats):
@@ -248,7 +253,7 @@ def measure(args: argparse.Namespace, model_dir: Path, shapes: dict[str, dict[st
                 memory[(finetune, name)].append(child.peak_rss_mb)
                 first_losses[(finetune, name)] = child.value["losses"][0]
         block: dict[str, Any] = {"world": world}
-        for finetune in FINETUNES:
+        for finetune in args.finetunes:
             print(f"{shape} step times: {finetune}, {args.rounds} alternated rounds", file=sys.stderr, flush=True)
             timing = runner.run(timing_child, dict(base, finetune=finetune, rounds=args.rounds), timeout_s=3600).value
             block[finetune] = summarize_variants(memory, timing, finetune)
@@ -283,7 +288,7 @@ def table(result: dict[str, Any]) -> str:
     rows = []
     for block in result["shapes"].values():
         world = block["world"]
-        for finetune in FINETUNES:
+        for finetune in (f for f in FINETUNES if f in block):
             for name in VARIANTS:
                 entry = block[finetune][name]
                 goal = "" if name == "plain" else (
@@ -306,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         result["parameters"] = {
             k: getattr(args, k)
-            for k in ("hidden", "layers", "heads", "batch_size", "seq_len", "rounds", "repeats", "num_safety", "seed")
+            for k in ("hidden", "layers", "heads", "batch_size", "seq_len", "rounds", "repeats", "num_safety", "seed", "finetunes")
         }
         result["parameters"]["torch_threads"] = torch.get_num_threads()
         print("building the real-tokenizer model", file=sys.stderr, flush=True)
