@@ -165,7 +165,7 @@ def test_safety_subset_and_token_logprobs_follow_the_position_convention(world: 
     )
     ids = torch.as_tensor(world.safety.token_ids)
     positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
-    _, subset = cross_entropy_and_subset(logits, batch.labels, positions, ids)  # as batch_loss takes it
+    _, subset = cross_entropy_and_subset(logits, batch.labels, positions, ids)  # the full-logits reference
     per_token = response_token_logprobs(
         logits, batch.input_ids, batch.response_start, batch.step_mask
     )
@@ -455,23 +455,23 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     out = tmp_path / "nan"
     calls = {"n": 0}
     snapshot = {}
-    original = train_module.cross_entropy_and_subset
+    original = train_module.fused_batch_loss
 
-    def nan_on_third_step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def nan_on_third_step(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
-        ce, subset = original(*args)
+        terms = original(*args, **kwargs)
         if calls["n"] == 3:
             snapshot.update(_tree_digest(out / "checkpoints" / "step-2"))
-            return ce * float("nan"), subset
-        return ce, subset
+            terms.loss = terms.loss * float("nan")
+        return terms
 
-    monkeypatch.setattr(train_module, "cross_entropy_and_subset", nan_on_third_step)
+    monkeypatch.setattr(train_module, "fused_batch_loss", nan_on_third_step)
     with pytest.raises(
         PactError,
         match=r"the loss is nan at step 3 \(epoch 0, batch 2.*last checkpoint .*step-2 is intact",
     ):
         run_train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
-    monkeypatch.setattr(train_module, "cross_entropy_and_subset", original)
+    monkeypatch.setattr(train_module, "fused_batch_loss", original)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-1", "step-2"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert _tree_digest(out / "checkpoints" / "step-2") == snapshot
