@@ -36,7 +36,7 @@ from pact.core.errors import PactError
 
 # Logits (elements) of one row chunk. 2**25 float32 logits are 128 MiB; a chunk's few
 # temporaries stay well under 1 GiB: room to spare next to an 8B model in bf16 with
-# LoRA on a 24 GB GPU (221 rows of a 151,936-token vocabulary per chunk).
+# LoRA on a 24 GB GPU (220 rows of a 151,936-token vocabulary per chunk).
 DEFAULT_HEAD_CHUNK_LOGITS = 1 << 25
 
 
