@@ -48,7 +48,7 @@ def head_mode(model: Any) -> str:
     """How a decoding step gets the last position's logits without the others':
     `logits_to_keep` (the model's forward takes `logits_to_keep=1`), `body` (the decoder
     body, then the LM head on the last row), else `forward` (all positions' logits)."""
-    from pact.core.head_ops import accepts_logits_to_keep, find_body
+    from pact.core.lm_head import accepts_logits_to_keep, find_body
 
     if accepts_logits_to_keep(model):
         return "logits_to_keep"
@@ -57,7 +57,7 @@ def head_mode(model: Any) -> str:
 
 def _next_logits(model: Any, mode: str, cache: Any, **inputs: Any) -> tuple[Any, Any]:
     """(next-token logits [B, V] at the last position, the updated KV cache) of one step."""
-    from pact.core.head_ops import find_body, last_position_logits
+    from pact.core.lm_head import find_body, last_position_logits
 
     if mode == "body":
         body = find_body(model)

@@ -68,6 +68,7 @@ from pact.core.encoding import (
     post_only_ids,
 )
 from pact.core.errors import PactError
+from pact.core.lm_head import decoder_body, logit_stats
 from pact.core.models import (
     DTYPES,
     check_dir,
@@ -289,89 +290,6 @@ def _human_bytes(count: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the core
-
-
-def decoder_body(model: Any) -> Any:
-    """The module that maps input ids to final-norm hidden states (`get_decoder()` or `.model`)."""
-    getter = getattr(model, "get_decoder", None)
-    body = getter() if callable(getter) else None
-    if body is None or body is model:
-        body = getattr(model, "model", None)
-    if body is None or body is model:
-        raise PactError(f"{type(model).__name__}: cannot find the decoder body (get_decoder() or .model)")
-    return body
-
-
-def logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What the model's own forward does to `lm_head(h)`, from its config, or None.
-
-    Handled: `logit_scale` (multiply, Cohere), `logits_scaling` (divide, Granite),
-    `final_logit_softcapping` (cap * tanh(x / cap), Gemma 2/3). Applied in the head's
-    dtype, in that order, as the models do. Anything else a model does is caught by
-    `check_head_matches_forward`.
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text, "logit_scale", None)
-    divisor = getattr(text, "logits_scaling", None)
-    cap = getattr(text, "final_logit_softcapping", None)
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        steps.append(lambda x: x * scale)
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 1:
-        steps.append(lambda x: x / divisor)
-    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap:
-        steps.append(lambda x: torch.tanh(x / cap) * cap)
-    if not steps:
-        return None
-
-    def apply(logits: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            logits = step(logits)
-        return logits
-
-    return apply
-
-
-def logit_stats(
-    model: Any,
-    hidden: torch.Tensor,
-    safety_ids: torch.Tensor,
-    chunk: int = 256,
-    target_ids: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Chunked LM head + float32 log-softmax statistics of hidden states.
-
-    hidden: [N, H] final-norm hidden states; safety_ids: int64 [S]; target_ids: int64 [N]
-    or None. Returns float32 tensors on hidden's device: `safety_logprobs` [N, S]
-    (full-vocabulary log-probs at the safety ids), `entropy` [N] (nats) and, with
-    target_ids, `token_logprob` [N]. At most `chunk` rows of [*, V] logits exist at once.
-    """
-    if chunk < 1:
-        raise PactError(f"chunk must be at least 1, got {chunk}")
-    head = model.get_output_embeddings()
-    transform = logit_transform(model.config)
-    safety_ids = safety_ids.to(hidden.device)
-    count = hidden.shape[0]
-    safety = torch.empty((count, safety_ids.numel()), dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty(count, dtype=torch.float32, device=hidden.device)
-    token = torch.empty(count, dtype=torch.float32, device=hidden.device) if target_ids is not None else None
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        logits = head(hidden[start:stop])
-        if transform is not None:
-            logits = transform(logits)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        del logits
-        safety[start:stop] = logprobs.index_select(1, safety_ids)
-        entropy[start:stop] = -logprobs.exp().mul_(logprobs).sum(dim=-1)
-        if token is not None:
-            rows = target_ids[start:stop].to(hidden.device).view(-1, 1)
-            token[start:stop] = logprobs.gather(1, rows).view(-1)
-        del logprobs  # free this chunk before the next one is computed
-    result = {"safety_logprobs": safety, "entropy": entropy}
-    if token is not None:
-        result["token_logprob"] = token
-    return result
 
 
 def reference_targets(

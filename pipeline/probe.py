@@ -121,12 +121,12 @@ def safety_logprobs(
 
     Step t is the distribution at input position response_start - 1 + t. Batches are
     right-padded; only the response steps' hidden states go through the LM head, at
-    most `pact.core.head_ops.DEFAULT_HEAD_BUDGET` logits at a time. The model's train/eval
+    most `pact.core.lm_head.DEFAULT_HEAD_BUDGET` logits at a time. The model's train/eval
     mode is restored afterwards.
     """
     import torch
 
-    from pact.core.head_ops import head_rows, root_unsharded, selected_rows, subset_logprobs
+    from pact.core.lm_head import head_rows, root_unsharded, selected_rows, subset_logprobs
 
     if batch_size < 1:
         raise PactError(f"batch_size must be at least 1, got {batch_size}")

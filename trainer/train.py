@@ -57,6 +57,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS, check_head_matches_forward
 from pact.core.outputs import check_output_dir
 from pact.store.lock import run_writer
 from pact.store.manifest import Store
@@ -68,8 +69,6 @@ from pact.trainer.batches import (
     collate,
     epoch_batches,
     rank_share,
-    response_token_logprobs,
-    step_positions,
 )
 from pact.trainer.checkpoint import TrainerState
 from pact.trainer.config import (
@@ -77,13 +76,9 @@ from pact.trainer.config import (
     TrainConfig,
     default_run_id,
 )
+from pact.trainer.fused import fused_batch_loss
 from pact.trainer.inputs import RunInputs, prepare_inputs
-from pact.trainer.loss import (
-    PactConfig,
-    constrained_sft_loss,
-    cross_entropy_and_subset,
-    pact_kl_terms,
-)
+from pact.trainer.loss import PactConfig
 from pact.trainer.reference import OnlineReference
 
 
@@ -213,35 +208,24 @@ def batch_loss(
     safety_ids: Tensor | None,
     weights: Tensor | None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    head_chunk_logits: int = DEFAULT_HEAD_CHUNK_LOGITS,
 ) -> StepLoss:
     """Forward `batch` through `model` and return its loss (token means over the batch).
 
     pact: CE + kl_weight · pact_kl; sft: CE; constrained-sft: the Qi et al. loss on the
     response token log-probs. `batch.reference` must hold the reference targets for
-    pact and constrained-sft.
+    pact and constrained-sft. The LM head runs only on the label and step rows, in
+    chunks of `head_chunk_logits` logits (`trainer/fused.py`).
     """
-    with autocast():
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits
-    if method == "constrained-sft":
-        student = response_token_logprobs(
-            logits, batch.input_ids, batch.response_start, batch.step_mask
-        )
-        loss = constrained_sft_loss(student, batch.reference.token_logprobs, batch.step_mask)
-        ce = -(student.detach() * batch.step_mask).sum() / batch.step_mask.sum()
-        return StepLoss(loss, float(ce), None, None)
-    if method == "sft":
-        ce, _ = cross_entropy_and_subset(logits, batch.labels)
-        return StepLoss(ce, float(ce.detach()), None, None)
-    positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
-    ce, u = cross_entropy_and_subset(logits, batch.labels, positions, safety_ids)
-    terms = pact_kl_terms(
-        u, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact
-    )
-    gate_mean = terms.gate.sum() / batch.step_mask.sum()
+    terms = fused_batch_loss(
+        model, batch, method=method, kl_weight=kl_weight, pact=pact, safety_ids=safety_ids,
+        weights=weights, autocast=autocast, head_chunk_logits=head_chunk_logits,
+    )  # fmt: skip
     return StepLoss(
-        ce + kl_weight * terms.kl, float(ce.detach()), float(terms.kl.detach()), float(gate_mean)
+        terms.loss,
+        float(terms.ce),
+        None if terms.kl is None else float(terms.kl),
+        None if terms.gate_mean is None else float(terms.gate_mean),
     )
 
 
@@ -548,6 +532,7 @@ def _train(
 
     # The model being trained and, online, the reference.
     model = load_student(config, device)
+    check_head_matches_forward(model, torch.as_tensor(encoded[0].input_ids, device=device)[None])
     autocast = _autocast_factory(device)
     safety_ids = weights = None
     if inputs.safety is not None:
@@ -574,6 +559,7 @@ def _train(
             tokenizer.pad_token_id,
             adapters_disabled=lora,
             autocast=autocast,
+            head_chunk_logits=config.head_chunk_logits,
         )
     # DDP (or FSDP) under torchrun; the model itself in a single process.
     wrapped = distributed.wrap_model(model, ranks, device, fsdp=config.fsdp)
@@ -645,6 +631,7 @@ def _train(
         return batch_loss(
             wrapped, batch, method=config.method, kl_weight=config.kl_weight,
             pact=config.pact, safety_ids=safety_ids, weights=weights, autocast=autocast,
+            head_chunk_logits=config.head_chunk_logits,
         )  # fmt: skip
 
     def save() -> None:

@@ -165,7 +165,7 @@ def test_safety_subset_and_token_logprobs_follow_the_position_convention(world: 
     )
     ids = torch.as_tensor(world.safety.token_ids)
     positions = step_positions(batch.response_start, batch.num_steps, logits.shape[1])
-    _, subset = cross_entropy_and_subset(logits, batch.labels, positions, ids)  # as batch_loss takes it
+    _, subset = cross_entropy_and_subset(logits, batch.labels, positions, ids)  # the full-logits reference
     per_token = response_token_logprobs(
         logits, batch.input_ids, batch.response_start, batch.step_mask
     )
@@ -455,23 +455,23 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     out = tmp_path / "nan"
     calls = {"n": 0}
     snapshot = {}
-    original = train_module.cross_entropy_and_subset
+    original = train_module.fused_batch_loss
 
-    def nan_on_third_step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def nan_on_third_step(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
-        ce, subset = original(*args)
+        terms = original(*args, **kwargs)
         if calls["n"] == 3:
             snapshot.update(_tree_digest(out / "checkpoints" / "step-2"))
-            return ce * float("nan"), subset
-        return ce, subset
+            terms.loss = terms.loss * float("nan")
+        return terms
 
-    monkeypatch.setattr(train_module, "cross_entropy_and_subset", nan_on_third_step)
+    monkeypatch.setattr(train_module, "fused_batch_loss", nan_on_third_step)
     with pytest.raises(
         PactError,
         match=r"the loss is nan at step 3 \(epoch 0, batch 2.*last checkpoint .*step-2 is intact",
     ):
         train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
-    monkeypatch.setattr(train_module, "cross_entropy_and_subset", original)
+    monkeypatch.setattr(train_module, "fused_batch_loss", original)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-1", "step-2"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert _tree_digest(out / "checkpoints" / "step-2") == snapshot
@@ -602,6 +602,7 @@ def test_full_finetune_output_loads(world: World, tmp_path: Path) -> None:
         ({"max_steps": 0}, r"^--max-steps must be an integer >= 1, got 0$"),
         ({"save_every": -1}, r"^--save-every must be an integer >= 0, got -1$"),
         ({"max_length": 1}, r"^--max-length must be an integer >= 2, got 1$"),
+        ({"head_chunk_logits": 0}, r"^--head-chunk-logits must be an integer >= 1, got 0$"),
     ],
 )
 def test_nonsense_options(world: World, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -736,6 +737,18 @@ def test_unknown_lora_targets(world: World, tmp_path: Path) -> None:
         train(make_config(world, tmp_path / "run", lora_targets=("w_q", "w_v")))
 
 
+def test_a_model_whose_forward_does_not_match_its_head_is_refused(world: World, tmp_path: Path) -> None:
+    """A Llama whose config claims a soft-cap its forward ignores: the chunked head would
+    compute other logits than the model, so training refuses it before any step."""
+    model_dir = copy_model(world.model_dir, tmp_path / "capped")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["final_logit_softcapping"] = 0.001
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PactError, match=r"^LlamaForCausalLM post-processes its logits in a way pact does not reproduce"):
+        train(make_config(world, tmp_path / "run", model=str(model_dir), method="sft", store=None))
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_online_sft_variants_need_no_targets(world: World, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     make_safety(store, world.safety.vocab_size)  # a safety set, no targets
@@ -782,7 +795,7 @@ def test_cli_parses_every_option(
         "--lora-targets", "q_proj, v_proj", "--epochs", "2", "--max-steps", "7", "--batch-size", "3",
         "--grad-accum", "5", "--lr", "0.002", "--weight-decay", "0.01", "--warmup-steps", "2",
         "--schedule", "linear", "--max-grad-norm", "0.5", "--gradient-checkpointing", "--seed", "9",
-        "--save-every", "3", "--resume", "--device", "cpu", "--run-id", "r1",
+        "--save-every", "3", "--resume", "--device", "cpu", "--run-id", "r1", "--head-chunk-logits", "4096",
         "--top-p", "0.8", "--gate-alpha", "3", "--gate-bias", "0.1", "--gate-temperature", "1.5",
         "--gate-prefix", "4", "--gate-decay", "0", "--gate-boost", "2", "--kl-temperature", "1",
     ]  # fmt: skip
@@ -793,7 +806,7 @@ def test_cli_parses_every_option(
         data_format="chat", max_length=128, finetune="full", lora_r=4, lora_alpha=8.0, lora_dropout=0.1,
         lora_targets=("q_proj", "v_proj"), epochs=2, max_steps=7, batch_size=3, grad_accum=5, lr=0.002,
         weight_decay=0.01, warmup_steps=2, schedule="linear", max_grad_norm=0.5, gradient_checkpointing=True,
-        seed=9, save_every=3, resume=True, device="cpu", run_id="r1",
+        seed=9, save_every=3, resume=True, device="cpu", run_id="r1", head_chunk_logits=4096,
         pact=PactConfig(top_p=0.8, alpha=3.0, bias=0.1, gate_temperature=1.5, prefix_n=4, decay_tau=0.0, boost=2.0, temperature=1.0),
     )  # fmt: skip
     defaults = CliRunner().invoke(

@@ -1,4 +1,4 @@
-"""The chunked, no-grad LM-head operations (pact.core.head_ops) and the stages built on
+"""The chunked, no-grad LM-head operations (pact.core.lm_head) and the stages built on
 them, checked against the naive computation over the model's full [B, L, V] logits."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pact.core.errors import PactError
-from pact.core.head_ops import (
+from pact.core.lm_head import (
     HeadRows,
     last_position_logits,
     logit_chunks,
