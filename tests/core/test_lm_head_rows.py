@@ -265,7 +265,7 @@ def test_the_probe_reads_through_ddp_and_fsdp(wrapper: str, tmp_path) -> None:
     """Under torchrun the probe gets the wrapped model: DDP is unwrapped, and an FSDP root
     is initialised and gathered while its body and head are called apart (at step 0 the
     probe runs before any forward: a layer must not become the root)."""
-    from test_distributed import torchrun
+    from launch import torchrun
 
     script = tmp_path / "probe.py"
     script.write_text(WRAPPED_PROBE)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from hostile.harness import assert_one_error_line, call_pact
-from test_store import fill, make_safety
+from store_fixtures import fill, make_safety
 
 from pact.store import Store
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 from hostile.harness import assert_one_error_line, call_pact, describe_changes, snapshot
-from test_store import fill, make_safety
+from store_fixtures import fill, make_safety
 
 from pact.store import Store
 

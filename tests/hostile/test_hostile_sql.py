@@ -12,7 +12,7 @@ import time
 
 import pytest
 from hostile.harness import ROOT, assert_one_error_line, call_pact
-from test_store import fill, make_safety
+from store_fixtures import fill, make_safety
 
 from pact.store import Store
 from pact.store.sql import QueryTimeout, connect_readonly, run_interruptible
