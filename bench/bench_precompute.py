@@ -400,6 +400,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import pact.pipeline.precompute as precompute
     from pact.core.encoding import post_only_ids
+    from pact.core.lm_head import HEAD_CHECK_TOKENS
     from pact.core.models import load_model
 
     transformers_logging.disable_progress_bar()
@@ -436,7 +437,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         post_ids, post_mask = precompute._pad(post, pad, device)
         lengths = [e.response_length for e in encoded]
         with torch.inference_mode():  # the warm-up precompute's probe gives its passes
-            probe = torch.from_numpy(encoded[0].input_ids[None, : precompute.PROBE_TOKENS]).to(device)
+            probe = torch.from_numpy(encoded[0].input_ids[None, :HEAD_CHECK_TOKENS]).to(device)
             model(input_ids=probe, use_cache=False)
         marks["start"] = _memory_start(device)
         with torch.inference_mode():

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import re
 import sys
 import time
@@ -68,7 +67,7 @@ from pact.core.encoding import (
     post_only_ids,
 )
 from pact.core.errors import PactError
-from pact.core.lm_head import decoder_body, logit_stats
+from pact.core.lm_head import check_head_matches_forward, decoder_body, logit_stats
 from pact.core.models import (
     DTYPES,
     check_dir,
@@ -101,9 +100,6 @@ GLOBAL_REFERENCE_KEYS = (
     "compute_dtype",
     "value_dtype",
 )
-PROBE_TOKENS = 32
-# Max |log-prob difference| tolerated between the chunked head and the model's own forward.
-PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.25}
 # Post-only work planned ahead is capped at this many batches of distinct responses.
 POST_QUEUE_BATCHES = 32
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -320,30 +316,6 @@ def reference_targets(
     selected = hidden[positions[:, 0], positions[:, 1]]
     del hidden, output
     return logit_stats(model, selected, safety_ids, chunk, target_ids)
-
-
-def check_head_matches_forward(model: Any, input_ids: torch.Tensor, safety_ids: torch.Tensor) -> None:
-    """Refuse a model whose own forward post-processes logits in a way pact does not reproduce.
-
-    Compares `reference_targets` with log_softmax(model(input_ids).logits) on a short
-    probe ([1, L] ids, L <= PROBE_TOKENS); PactError when they differ.
-    """
-    ids = input_ids[:, :PROBE_TOKENS]
-    mask = torch.ones_like(ids)
-    positions = torch.stack([torch.zeros(ids.shape[1], dtype=torch.long), torch.arange(ids.shape[1])], dim=1)
-    ours = reference_targets(model, ids, mask, positions, safety_ids, chunk=PROBE_TOKENS)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    full = torch.log_softmax(logits[0].float(), dim=-1)
-    theirs = full.index_select(1, safety_ids.to(full.device))
-    gap = (ours["safety_logprobs"] - theirs).abs().max().item()
-    dtype = next(model.parameters()).dtype
-    tolerance = PROBE_TOLERANCE.get(dtype, 0.25)
-    if not math.isfinite(gap) or gap > tolerance:
-        raise PactError(
-            f"{type(model).__name__} post-processes its logits in a way pact does not reproduce "
-            f"(chunked LM head differs from the model's forward by {gap:.3g} in log-prob); "
-            "this architecture is not supported by pact precompute"
-        )
 
 
 # ----------------------------------------------------------------------------- batching
@@ -703,7 +675,7 @@ def _precompute(
         if encoded:
             with torch.inference_mode():
                 probe = torch.from_numpy(encoded[0].input_ids[None, :]).to(device)
-                check_head_matches_forward(model, probe, safety_ids)
+                check_head_matches_forward(model, probe)
 
     for line in summary.dropped:
         say(f"skipped {line}")

@@ -303,8 +303,7 @@ def safety_direction(
     import torch
     from tqdm import tqdm
 
-    from pact.core.lm_head import DEFAULT_HEAD_BUDGET, find_body
-    from pact.pipeline.precompute import check_head_matches_forward
+    from pact.core.lm_head import DEFAULT_HEAD_BUDGET, check_head_matches_forward, find_body
 
     vocab = vocabulary_rows(aligned)
     if vocabulary_rows(base) != vocab:
@@ -336,7 +335,7 @@ def safety_direction(
         for model, prompt in ((aligned, inputs[0].aligned_prompt_ids), (base, inputs[0].base_prompt_ids)):
             if find_body(model) is not None:
                 ids = torch.tensor([list(prompt) + inputs[0].refusal_ids], device=_model_device(model))
-                check_head_matches_forward(model, ids, torch.arange(vocab))
+                check_head_matches_forward(model, ids)
         for start in range(0, len(order), options.batch_size):
             batch = [inputs[i] for i in order[start : start + options.batch_size]]
             refusals = [x.refusal_ids for x in batch]

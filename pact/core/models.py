@@ -117,7 +117,7 @@ def load_model(
     except Exception as exc:  # a bad checkpoint surfaces as any of a dozen types, all one line here
         raise PactError(f"cannot load a model from {path}: {_first_line(exc)}") from None
     if not allow_partial_weights:
-        check_loading_info(path, info)
+        check_loading_info(path, info, model)
     model = model.to(device).eval()
     check_finite_weights(path, model)
     return model
@@ -141,12 +141,33 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+def _tied(model: Any, names: set[str]) -> set[str]:
+    """The parameters among `names` that share their storage with a parameter outside
+    `names` (an LM head tied to the input embeddings is stored once, under the latter)."""
+    if model is None:
+        return set()
+    loaded = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False) if n not in names}
+    tied = set()
+    for name in names:
+        try:
+            parameter = model.get_parameter(name)
+        except (AttributeError, ValueError):
+            continue
+        if parameter.data_ptr() in loaded:
+            tied.add(name)
+    return tied
+
+
+def check_loading_info(path: Path, info: dict[str, Any], model: Any = None) -> None:
     """PactError when the weights do not fill the model config.json describes: weights
-    missing (left at random init), unexpected (unused), or of another shape."""
+    missing (left at random init; a head tied to the embeddings is not missing),
+    unexpected (unused), or of another shape."""
     parts = []
     for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
-        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        names = {str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or []}
+        if key == "missing_keys":
+            names -= _tied(model, names)
+        names = sorted(names)
         if names:
             parts.append(f"{len(names)} {label} (first: {names[0]})")
     if parts:

@@ -25,7 +25,6 @@ from pact.store.lock import waiting_for_writers
               "without torchrun. Default 0/1; under torchrun each rank computes RANK/WORLD_SIZE.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--wait", is_flag=True, help="If another pact process is writing this shard of --store, wait for it instead of stopping.")
-@click.option("--wait", "wait", is_flag=True, help="If another pact process is writing this shard of --store, wait for it instead of stopping.")
 def precompute_command(
     reference: str, data: str, store_dir: str, shard: str | None, no_progress: bool, wait: bool, device: str,
     **options: object,

@@ -435,11 +435,11 @@ def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
         return TrainResult(Path(config.out), "r", 0, [], None, None)
 
     monkeypatch.setattr(command_module, "train", fake_train)
-    args = ["--model", "M", "--data", "D", "--out", "RUN", "--finetune", "full", "--targets-memory-mb", "64", "--fsdp"]
+    args = ["--model", "M", "--data", "D", "--out", "RUN", "--store", "S", "--finetune", "full", "--targets-memory-mb", "64", "--fsdp"]
     result = CliRunner().invoke(command_module.train_command, args)
     assert result.exit_code == 0, result.output
     assert captured["config"] == TrainConfig(
-        model="M", data="D", out="RUN", finetune="full", targets_memory_mb=64.0, fsdp=True
+        model="M", data="D", out="RUN", store="S", finetune="full", targets_memory_mb=64.0, fsdp=True
     )
     assert "--targets-memory-mb" in CliRunner().invoke(command_module.train_command, ["--help"]).output
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
