@@ -12,7 +12,8 @@ sys.path.insert(0, str(TESTS))
 
 from paths import SHARED_DATA  # noqa: E402
 
-# Modules whose every test launches processes (torchrun ranks, killed runs, benchmarks):
+# Modules whose every test launches processes (torchrun ranks, killed or concurrent runs,
+# benchmarks):
 # marked slow, so `pytest -m "not slow"` is the inner loop; CI runs everything.
 SLOW_MODULES = (
     "test_reliability_precompute.py",
@@ -20,6 +21,8 @@ SLOW_MODULES = (
     "test_fault_harness.py",
     "test_bench_smoke.py",
     "trainer/test_distributed.py",
+    "hostile/test_hostile_tokens_commit.py",
+    "hostile/test_hostile_writers.py",
 )
 
 

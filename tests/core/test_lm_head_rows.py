@@ -260,6 +260,7 @@ print("probe-ok", ranks.rank)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_the_probe_reads_through_ddp_and_fsdp(wrapper: str, tmp_path) -> None:
     """Under torchrun the probe gets the wrapped model: DDP is unwrapped, and an FSDP root
