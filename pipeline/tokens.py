@@ -163,17 +163,6 @@ def stage_zero_inputs(
     return inputs
 
 
-def vocabulary_rows(model: Any) -> int:
-    """Rows of the model's output embedding (the size V of its logits)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    return int(config.vocab_size)
-
-
 def _model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
@@ -303,12 +292,17 @@ def safety_direction(
     import torch
     from tqdm import tqdm
 
-    from pact.core.lm_head import DEFAULT_HEAD_BUDGET, check_head_matches_forward, find_body
+    from pact.core.lm_head import (
+        DEFAULT_HEAD_BUDGET,
+        check_head_matches_forward,
+        find_body,
+        head_rows,
+    )
 
-    vocab = vocabulary_rows(aligned)
-    if vocabulary_rows(base) != vocab:
+    vocab = head_rows(aligned)
+    if head_rows(base) != vocab:
         raise PactError(
-            f"aligned and base models have different vocabularies ({vocab} vs {vocabulary_rows(base)} output rows)"
+            f"aligned and base models have different vocabularies ({vocab} vs {head_rows(base)} output rows)"
         )
     inputs = stage_zero_inputs(tokenizer, examples, options)
     if not inputs:
@@ -522,6 +516,7 @@ def _tokens(
     store_dir: str | Path,
     options: TokensOptions,
 ) -> TokensResult:
+    from pact.core.lm_head import head_rows
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
     started = time.perf_counter()
@@ -558,10 +553,10 @@ def _tokens(
         aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
     base = load_model(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    rows = vocabulary_rows(aligned)
-    if vocabulary_rows(base) != rows:
+    rows = head_rows(aligned)
+    if head_rows(base) != rows:
         raise PactError(
-            f"aligned and base models have different vocabularies ({rows} vs {vocabulary_rows(base)} output rows)"
+            f"aligned and base models have different vocabularies ({rows} vs {head_rows(base)} output rows)"
         )
     largest_id = max(tokenizer.get_vocab().values())
     if largest_id >= rows:

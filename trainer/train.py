@@ -57,7 +57,7 @@ from pact.core.atomic import (
 from pact.core.distributed import Ranks
 from pact.core.encoding import Encoded, assistant_header_ids, encoding_fingerprints
 from pact.core.errors import PactError
-from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS, check_head_matches_forward
+from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS, check_head_matches_forward, head_rows
 from pact.core.outputs import check_output_dir
 from pact.store.lock import run_writer
 from pact.store.manifest import Store
@@ -189,10 +189,6 @@ def load_student(config: TrainConfig, device: str) -> Any:
             f"--lora-targets {','.join(config.lora_targets)}: {str(exc).splitlines()[0]}"
         ) from None
     return model.train()
-
-
-def _vocab_size(model: Any) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
 
 
 # ----------------------------------------------------------------------------- loss
@@ -536,7 +532,7 @@ def _train(
     autocast = _autocast_factory(device)
     safety_ids = weights = None
     if inputs.safety is not None:
-        top_id, vocab = int(inputs.safety.token_ids.max()), _vocab_size(model)
+        top_id, vocab = int(inputs.safety.token_ids.max()), head_rows(model)
         if top_id >= vocab:
             raise PactError(
                 f"safety token id {top_id} is outside the model's vocabulary of {vocab}"
