@@ -3,6 +3,8 @@ them, checked against the naive computation over the model's full [B, L, V] logi
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -271,8 +273,11 @@ def test_the_probe_reads_through_ddp_and_fsdp(wrapper: str, tmp_path) -> None:
     script = tmp_path / "probe.py"
     script.write_text(WRAPPED_PROBE)
     launch = torchrun(tmp_path, str(script), wrapper)
-    assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
-    assert launch.stdout.count("probe-ok") == 2
+    assert launch.stdout.count("probe-ok") == 2, launch.stdout[-2000:] + launch.stderr[-4000:]
+    if launch.returncode != 0:
+        # Both ranks finished; only gloo's rare abort at process exit (docs/distributed.md) is accepted.
+        assert "terminate called without an active exception" in launch.stderr, launch.stderr[-4000:]
+        warnings.warn("a rank aborted at gloo teardown after the probe finished (known, rare)", stacklevel=1)
 
 
 def test_a_peft_model_goes_through_its_adapted_head() -> None:
