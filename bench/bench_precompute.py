@@ -149,13 +149,13 @@ def forward_batches(encoded: list[Any], header: list[int], batch_size: int, pad_
     post-only context (header + response[:-1]) of every distinct response, as
     `pact.pipeline.precompute.plan_batches` groups them."""
     from pact.core.encoding import post_only_ids
-    from pact.pipeline.precompute import _pad, plan_batches
+    from pact.pipeline.precompute import pad_batch, plan_batches
 
     full = [e.input_ids for e in encoded]
     responses = {e.response_hash: e.response_ids for e in encoded}
     post = [post_only_ids(header, ids)[0] for ids in responses.values()]
     return {
-        kind: [_pad([rows[i] for i in batch], pad_id, device) for batch in plan_batches([len(r) for r in rows], batch_size)]
+        kind: [pad_batch([rows[i] for i in batch], pad_id, device) for batch in plan_batches([len(r) for r in rows], batch_size)]
         for kind, rows in (("full", full), ("post", post))
     }
 
@@ -208,7 +208,7 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         return compute
 
-    with wrapped(precompute, "_compute", timed):
+    with wrapped(precompute.run, "compute_targets", timed):
         alternate({"precompute": run_precompute, "bare": bare}, 1)  # warm-up round, not counted
         compute_s.clear()
         seconds = alternate({"precompute": run_precompute, "bare": bare}, args.repeats)
@@ -290,7 +290,7 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return full_context
 
     os.environ["PACT_CACHE_DIR"] = str(workdir / "dedup-cache")
-    with wrapped(precompute, "_post_only", record_post), wrapped(precompute, "_full_context", record_full):
+    with wrapped(precompute.compute, "post_only_targets", record_post), wrapped(precompute.compute, "full_context_targets", record_full):
         summary = precompute.run_precompute(model_dir, data, store, options, echo=lambda line: None)
     tokenizer, _, header = encoded_examples(model_dir, data, options.max_length)
     # Without dedup: every example batch runs the post-only passes of all its examples.
@@ -322,7 +322,7 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         def run() -> None:
             with torch.inference_mode():
                 for call in calls:
-                    precompute._post_only(model, call, header, safety_ids, tokenizer.pad_token_id, args.device, options)
+                    precompute.compute.post_only_targets(model, call, header, safety_ids, tokenizer.pad_token_id, args.device, options)
 
         return run
 
@@ -425,7 +425,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
             return compute
 
-        with wrapped(precompute, "_compute", measured):
+        with wrapped(precompute.run, "compute_targets", measured):
             precompute.run_precompute(model_dir, data, store, options, echo=lambda line: None)
     else:
         tokenizer, encoded, header = encoded_examples(model_dir, data, spec["seq_len"])
@@ -433,8 +433,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         safety_ids = torch.arange(1, spec["num_safety"] + 1, device=device)
         pad = tokenizer.pad_token_id
         post = [post_only_ids(header, e.response_ids)[0] for e in encoded]
-        full_ids, full_mask = precompute._pad([e.input_ids for e in encoded], pad, device)
-        post_ids, post_mask = precompute._pad(post, pad, device)
+        full_ids, full_mask = precompute.pad_batch([e.input_ids for e in encoded], pad, device)
+        post_ids, post_mask = precompute.pad_batch(post, pad, device)
         lengths = [e.response_length for e in encoded]
         with torch.inference_mode():  # the warm-up precompute's probe gives its passes
             probe = torch.from_numpy(encoded[0].input_ids[None, :HEAD_CHECK_TOKENS]).to(device)

@@ -282,6 +282,11 @@ def load_spec_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto
 # -- the evaluation --------------------------------------------------------------
 
 
+def _optional_path(kind: str, help: str) -> Any:
+    """An `EvalOptions` field naming a path of `kind` ('file' or 'any'); None when not asked for."""
+    return setting(None, help=help, path=kind)
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """Everything `pact eval` takes (the CLI builds its options from these fields); files
@@ -290,33 +295,25 @@ class EvalOptions:
     model: str = setting(help="Model directory (safetensors) or `pact train` run directory.", path="any")
     store: str = setting(help="The pact store; results land in its `evals` table.", path="any")
     name: str | None = setting(None, help="Model name in the evals table (default: the directory's name).")
-    harmful: str | None = setting(
-        None, help="Harmful prompts: refusal rate and attack success rate.", path="file"
-    )
-    benign: str | None = setting(None, help="Harmless prompts: over-refusal rate.", path="file")
-    task: str | None = setting(
-        None, help="Labelled rows (the output is the label): task accuracy.", path="file"
-    )
+    harmful: str | None = _optional_path("file", "Harmful prompts: refusal rate and attack success rate.")
+    benign: str | None = _optional_path("file", "Harmless prompts: over-refusal rate.")
+    task: str | None = _optional_path("file", "Labelled rows (the output is the label): task accuracy.")
     metric: str = setting(
         "label",
         help="Task scoring: label = the label the generation starts with; exact = exact match.",
         choices=TASK_METRICS,
     )
-    probe: str | None = setting(
-        None,
-        help="Safety set (prompt, refusal): per-step drift KL and safety-token mass vs the reference.",
-        path="file",
+    probe: str | None = _optional_path(
+        "file", "Safety set (prompt, refusal): per-step drift KL and safety-token mass vs the reference."
     )
-    reference: str | None = setting(
-        None, help="Reference model for the probe when the store has no cached reference probe.", path="any"
+    reference: str | None = _optional_path(
+        "any", "Reference model for the probe when the store has no cached reference probe."
     )
-    judge: str | None = setting(
-        None,
-        help="Local guard model scoring the --harmful generations (output starting 'unsafe' = harmful).",
-        path="any",
+    judge: str | None = _optional_path(
+        "any", "Local guard model scoring the --harmful generations (output starting 'unsafe' = harmful)."
     )
-    refusal_keywords: str | None = setting(
-        None, help="Refusal phrases, one per line (replaces the default list).", path="file"
+    refusal_keywords: str | None = _optional_path(
+        "file", "Refusal phrases, one per line (replaces the default list)."
     )
     refusal_window: int = setting(
         REFUSAL_WINDOW,

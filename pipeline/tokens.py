@@ -505,104 +505,94 @@ def run_tokens(
 
     Holds the store's writer lock throughout (store/lock.py): no precompute or other
     `pact tokens` writes it meanwhile."""
-    with store_writer(store_dir):
-        return _tokens(aligned_dir, base_dir, data_path, store_dir, options)
-
-
-def _tokens(
-    aligned_dir: str | Path,
-    base_dir: str | Path,
-    data_path: str | Path,
-    store_dir: str | Path,
-    options: TokensOptions,
-) -> TokensResult:
     from pact.core.lm_head import head_rows
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
-    started = time.perf_counter()
-    data_format, dtype, device = options.data_format, options.dtype, options.device
-    trust_remote_code, force, progress = options.trust_remote_code, options.force, options.progress
-    generate_missing_refusals, max_new_tokens = options.generate_refusals, options.max_new_tokens
-    aligned_dir, base_dir, data_path = Path(aligned_dir), Path(base_dir), Path(data_path)
-    store = Store(store_dir)
-    manifest = store.read_manifest()
-    if manifest["parts"] and not force:
-        raise PactError(
-            f"store {store.root} already holds {len(manifest['parts'])} target parts computed with "
-            "its current safety set; new safety tokens would make them stale (pass --force to replace "
-            "the safety set, then rerun `pact precompute`)"
-        )
-    check_dir(aligned_dir, "aligned model")
-    check_dir(base_dir, "base model")
-    loaded = load_examples(data_path, data_format, require_response=False)
-    examples = loaded.examples
-    without_refusal = sum(1 for e in examples if not e.response.strip())
-    if without_refusal == len(examples) and not generate_missing_refusals:
-        raise PactError(
-            f"{data_path}: none of its {len(examples)} rows has a refusal (empty response); "
-            "pass --generate-refusals to have the aligned model write them"
-        )
-    tokenizer = load_tokenizer(aligned_dir, trust_remote_code=trust_remote_code)
-    _check_tokenizer_vocabularies(tokenizer, base_dir, trust_remote_code)
-    aligned_size, base_size = _config_vocab_size(aligned_dir), _config_vocab_size(base_dir)
-    if aligned_size is not None and base_size is not None and aligned_size != base_size:
-        raise PactError(
-            f"aligned and base models have different vocabularies (vocab_size {aligned_size} vs {base_size})"
-        )
-    aligned = load_model(
-        aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
-    base = load_model(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    rows = head_rows(aligned)
-    if head_rows(base) != rows:
-        raise PactError(
-            f"aligned and base models have different vocabularies ({rows} vs {head_rows(base)} output rows)"
-        )
-    largest_id = max(tokenizer.get_vocab().values())
-    if largest_id >= rows:
-        raise PactError(
-            f"the tokenizer has token id {largest_id} but the aligned model has only {rows} output rows"
-        )
-
-    generated: list[Example] = []
-    if generate_missing_refusals and without_refusal:
-        examples, generated = _fill_refusals(aligned, tokenizer, examples, options, max_new_tokens)
-    direction = safety_direction(aligned, base, tokenizer, examples, options, progress=progress)
-    safety = safety_set_from_vector(direction.vector)
-    table = tokens_table(tokenizer, direction, safety)
-    meta = {
-        "aligned_model": model_fingerprint(aligned_dir),
-        "base_model": model_fingerprint(base_dir),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": template_fingerprint(tokenizer),
-        "data": file_sha256(data_path),
-        "examples_used": direction.examples_used,
-        "generated_refusals": len(generated),
-        "options": options.recorded(),
-    }
-
-    refusals_path = store.root / REFUSALS_FILE
-    if generated:
-        lines = [
-            json.dumps(
-                {"id": e.example_id, "prompt": e.prompt_text, "completion": e.response},
-                ensure_ascii=False,
+    with store_writer(store_dir):
+        started = time.perf_counter()
+        data_format, dtype, device = options.data_format, options.dtype, options.device
+        trust_remote_code, force, progress = options.trust_remote_code, options.force, options.progress
+        generate_missing_refusals, max_new_tokens = options.generate_refusals, options.max_new_tokens
+        aligned_dir, base_dir, data_path = Path(aligned_dir), Path(base_dir), Path(data_path)
+        store = Store(store_dir)
+        manifest = store.read_manifest()
+        if manifest["parts"] and not force:
+            raise PactError(
+                f"store {store.root} already holds {len(manifest['parts'])} target parts computed with "
+                "its current safety set; new safety tokens would make them stale (pass --force to replace "
+                "the safety set, then rerun `pact precompute`)"
             )
-            for e in generated
-        ]
-        atomic_write_bytes(refusals_path, ("\n".join(lines) + "\n").encode("utf-8"))
-    elif refusals_path.is_file():
-        refusals_path.unlink()  # stale: written by an earlier run, not used by this one
-    save_safety_set(store, safety, table, meta)
-    return TokensResult(
-        safety=safety,
-        table=table,
-        direction=direction,
-        generated_refusals=len(generated),
-        skipped_without_refusal=_skipped_before_last_used(examples, direction.example_ids),
-        stale_parts=len(manifest["parts"]),
-        seconds=time.perf_counter() - started,
-    )
+        check_dir(aligned_dir, "aligned model")
+        check_dir(base_dir, "base model")
+        loaded = load_examples(data_path, data_format, require_response=False)
+        examples = loaded.examples
+        without_refusal = sum(1 for e in examples if not e.response.strip())
+        if without_refusal == len(examples) and not generate_missing_refusals:
+            raise PactError(
+                f"{data_path}: none of its {len(examples)} rows has a refusal (empty response); "
+                "pass --generate-refusals to have the aligned model write them"
+            )
+        tokenizer = load_tokenizer(aligned_dir, trust_remote_code=trust_remote_code)
+        _check_tokenizer_vocabularies(tokenizer, base_dir, trust_remote_code)
+        aligned_size, base_size = _config_vocab_size(aligned_dir), _config_vocab_size(base_dir)
+        if aligned_size is not None and base_size is not None and aligned_size != base_size:
+            raise PactError(
+                f"aligned and base models have different vocabularies (vocab_size {aligned_size} vs {base_size})"
+            )
+        aligned = load_model(
+            aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+        base = load_model(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        rows = head_rows(aligned)
+        if head_rows(base) != rows:
+            raise PactError(
+                f"aligned and base models have different vocabularies ({rows} vs {head_rows(base)} output rows)"
+            )
+        largest_id = max(tokenizer.get_vocab().values())
+        if largest_id >= rows:
+            raise PactError(
+                f"the tokenizer has token id {largest_id} but the aligned model has only {rows} output rows"
+            )
+
+        generated: list[Example] = []
+        if generate_missing_refusals and without_refusal:
+            examples, generated = _fill_refusals(aligned, tokenizer, examples, options, max_new_tokens)
+        direction = safety_direction(aligned, base, tokenizer, examples, options, progress=progress)
+        safety = safety_set_from_vector(direction.vector)
+        table = tokens_table(tokenizer, direction, safety)
+        meta = {
+            "aligned_model": model_fingerprint(aligned_dir),
+            "base_model": model_fingerprint(base_dir),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "chat_template": template_fingerprint(tokenizer),
+            "data": file_sha256(data_path),
+            "examples_used": direction.examples_used,
+            "generated_refusals": len(generated),
+            "options": options.recorded(),
+        }
+
+        refusals_path = store.root / REFUSALS_FILE
+        if generated:
+            lines = [
+                json.dumps(
+                    {"id": e.example_id, "prompt": e.prompt_text, "completion": e.response},
+                    ensure_ascii=False,
+                )
+                for e in generated
+            ]
+            atomic_write_bytes(refusals_path, ("\n".join(lines) + "\n").encode("utf-8"))
+        elif refusals_path.is_file():
+            refusals_path.unlink()  # stale: written by an earlier run, not used by this one
+        save_safety_set(store, safety, table, meta)
+        return TokensResult(
+            safety=safety,
+            table=table,
+            direction=direction,
+            generated_refusals=len(generated),
+            skipped_without_refusal=_skipped_before_last_used(examples, direction.example_ids),
+            stale_parts=len(manifest["parts"]),
+            seconds=time.perf_counter() - started,
+        )
 
 
 def _skipped_before_last_used(examples: Sequence[Example], used_ids: Sequence[str]) -> int:

@@ -127,6 +127,8 @@ def test_layers_import_only_downwards() -> None:
         ("pact.store.sql", "transformers.AutoModel", "the store imports no model code"),
         ("pact.store.sql", "pact.trainer.loss", "store may not import the train layer above it"),
         ("pact.pipeline.precompute", "pact.trainer.batches", "stage precompute may not import stage train"),
+        ("pact.pipeline.precompute.compute", "pact.trainer.batches", "stage precompute may not import stage train"),
+        ("pact.pipeline.precompute.run", "pact.pipeline.precompute.compute.compute_targets", None),
         ("pact.trainer.train", "pact.pipeline.evaluate", "stage train may not import stage eval"),
         ("pact.trainer.train", "pact.pipeline.cli", "train may not import the top layer above it"),
         ("pact.trainer.inputs", "pact.pipeline.probe.probe_drift", None),
@@ -170,6 +172,17 @@ def test_importing_the_trainer_loads_no_other_stage() -> None:
     others = [m for m in loaded if layer_of(m) in STAGES - {"train"} and m != "pact.pipeline.probe"]
     assert others == []
     assert "pact.trainer.train" in loaded
+
+
+def test_the_precompute_package_is_one_stage() -> None:
+    """Every module of pipeline/precompute/ is the precompute stage, and importing it
+    loads no other stage."""
+    modules = [module_name(p) for p in sorted((ROOT / "pipeline" / "precompute").glob("*.py"))]
+    assert "pact.pipeline.precompute.run" in modules
+    assert {layer_of(m) for m in modules} == {"precompute"}
+    loaded = _loaded_after("import pact.pipeline.precompute")
+    assert [m for m in loaded if layer_of(m) in STAGES - {"precompute"}] == []
+    assert "pact.pipeline.precompute.compute" in loaded
 
 
 def test_importing_pact_is_cheap() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
@@ -69,3 +71,20 @@ def make_model(directory: str | Path, vocab_size: int, *, seed: int = 0, hidden:
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(directory), safe_serialization=True)
     return model
+
+
+class PlainForward(torch.nn.Module):
+    """`inner` behind a bare `forward(input_ids, attention_mask, use_cache)`: no
+    `get_decoder()` or `.model` (remote-code style) and no `logits_to_keep` (older or
+    remote-code models), so pact runs it whole."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)

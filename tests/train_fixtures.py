@@ -1,6 +1,6 @@
 """A tiny world for the trainer tests: tokenizer, reference model, data, and a store
 whose targets come from a plain full forward pass of the reference (what precompute
-writes), so the trainer is tested independently of `pipeline/precompute.py`."""
+writes), so the trainer is tested independently of `pipeline/precompute/`."""
 
 from __future__ import annotations
 

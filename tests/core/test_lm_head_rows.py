@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tiny import PlainForward
 
 from pact.core.errors import PactError
 from pact.core.lm_head import (
@@ -44,21 +45,6 @@ def _gemma2():
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5,
     )  # fmt: skip
     return Gemma2ForCausalLM(config).eval()
-
-
-class _NoBody(torch.nn.Module):
-    """A causal LM without `get_decoder()` or `.model` (remote-code style): run whole."""
-
-    def __init__(self, inner) -> None:
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids, attention_mask, use_cache=False):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
 
 def _batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +101,7 @@ def test_a_model_without_a_decoder_body_is_run_whole() -> None:
     positions = _positions([(2, 8), (1, 5)])
     subset = torch.arange(VOCAB)
     with torch.no_grad():
-        rows = selected_rows(_NoBody(model), ids, mask, positions)
+        rows = selected_rows(PlainForward(model), ids, mask, positions)
         assert rows.model is None and rows.values.shape == (10, VOCAB)
         got = subset_logprobs(rows, subset, 2 * VOCAB)
         expected = subset_logprobs(selected_rows(model, ids, mask, positions), subset)
@@ -222,8 +208,8 @@ def test_generation_keeps_only_the_last_logits_and_the_same_tokens(make, mode: s
 def test_head_mode_prefers_logits_to_keep_then_the_body() -> None:
     model = _llama(tied=False)
     assert head_mode(model) == "logits_to_keep"
-    assert head_mode(_NoBody(model)) == "forward"  # neither logits_to_keep nor a body
-    with_body = _NoBody(model)
+    assert head_mode(PlainForward(model)) == "forward"  # neither logits_to_keep nor a body
+    with_body = PlainForward(model)
     with_body.model = model.model
     assert head_mode(with_body) == "body"
 

@@ -1,4 +1,4 @@
-"""Tests for stage 1 (`pipeline/precompute.py`, `pact precompute`) on tiny local models."""
+"""Tests for stage 1 (`pipeline/precompute/`, `pact precompute`) on tiny local models."""
 
 from __future__ import annotations
 
@@ -347,18 +347,18 @@ def _many_rows(count: int, responses: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def post_passes(monkeypatch):
     """Rows of every post-only forward pass `run_precompute` makes (the LM-head probe skipped)."""
-    import pact.pipeline.precompute as precompute
+    from pact.pipeline.precompute import compute, model
 
     rows: list[int] = []
-    original = precompute.reference_targets
+    original = compute.reference_targets
 
     def counting(model, ids, mask, positions, safety_ids, chunk=256, *, target_ids=None):
         if target_ids is None:  # full-context passes give the teacher-forced tokens
             rows.append(ids.shape[0])
         return original(model, ids, mask, positions, safety_ids, chunk, target_ids=target_ids)
 
-    monkeypatch.setattr(precompute, "reference_targets", counting)
-    monkeypatch.setattr(precompute, "check_head_matches_forward", lambda *args: None)
+    monkeypatch.setattr(compute, "reference_targets", counting)
+    monkeypatch.setattr(model, "check_head_matches_forward", lambda *args: None)
     return rows
 
 
@@ -379,7 +379,7 @@ def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_pa
     """With parts of 8 examples each part's new responses are computed together, at most
     one partial pass per part; a part's post-only rows are registered with it. The queue
     limit (POST_QUEUE_BATCHES batches of responses) caps the work planned at once."""
-    import pact.pipeline.precompute as precompute
+    from pact.pipeline.precompute import compute
 
     data = _write_jsonl(tmp_path / "d.jsonl", _many_rows(48, 16))
     store = _new_store(tmp_path / "store", assets["vocab"])
@@ -398,14 +398,14 @@ def test_post_only_passes_follow_parts_and_queue_limit(assets, tmp_path, post_pa
 
     post_passes.clear()
     sizes: list[int] = []
-    original = precompute._post_only
+    original = compute.post_only_targets
 
     def recording(model, responses, *rest):
         sizes.append(len(responses))
         return original(model, responses, *rest)
 
-    monkeypatch.setattr(precompute, "POST_QUEUE_BATCHES", 1)
-    monkeypatch.setattr(precompute, "_post_only", recording)
+    monkeypatch.setattr(compute, "POST_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(compute, "post_only_targets", recording)
     limited = _new_store(tmp_path / "limited", assets["vocab"])
     _run(assets, data, limited, batch_size=4, examples_per_part=64)
     assert sizes == [4, 4, 4, 4] and post_passes == [4, 4, 4, 4]
@@ -547,7 +547,7 @@ class _Crash(Exception):
 
 
 def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
-    import pact.pipeline.precompute as precompute
+    from pact.pipeline.precompute import run
 
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     reference = _new_store(tmp_path / "ref-store", assets["vocab"])
@@ -555,13 +555,13 @@ def test_interrupted_run_resumes_to_same_content(assets, tmp_path, monkeypatch):
 
     store = _new_store(tmp_path / "store", assets["vocab"])
 
-    class CrashingWriter(precompute.TargetWriter):
+    class CrashingWriter(run.TargetWriter):
         def add_example(self, *args, **kwargs):
             if self.parts_written >= 2:
                 raise _Crash("killed")
             super().add_example(*args, **kwargs)
 
-    monkeypatch.setattr(precompute, "TargetWriter", CrashingWriter)
+    monkeypatch.setattr(run, "TargetWriter", CrashingWriter)
     with pytest.raises(_Crash):
         _run(assets, data, store)
     monkeypatch.undo()

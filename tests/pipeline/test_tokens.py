@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from paths import SHARED_DATA
-from tiny import make_model, make_tokenizer
+from tiny import PlainForward, make_model, make_tokenizer
 
 from pact.core.data import load_examples
 from pact.core.errors import PactError
@@ -298,28 +298,13 @@ def test_batched_equals_one_at_a_time(world) -> None:
             )
 
 
-class _NoLogitsToKeep(torch.nn.Module):
-    """A causal LM whose forward has no `logits_to_keep` (older or remote-code models)."""
-
-    def __init__(self, inner) -> None:
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids, attention_mask, use_cache=False):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
-
-
 def test_models_without_logits_to_keep_give_the_same_result(world) -> None:
     aligned, base, tokenizer = _load(world["aligned"]), _load(world["base"]), world["tokenizer"]
     options = TokensOptions(top_k=20, batch_size=3)
     sliced = safety_direction(aligned, base, tokenizer, world["examples"], options, progress=False)
     full = safety_direction(
-        _NoLogitsToKeep(aligned),
-        _NoLogitsToKeep(base),
+        PlainForward(aligned),
+        PlainForward(base),
         tokenizer,
         world["examples"],
         options,

@@ -38,6 +38,7 @@ from pact.pipeline.commands.precompute import precompute_command
 from pact.pipeline.precompute import (
     PrecomputeOptions,
     PrecomputeSummary,
+    Shard,
     missing_examples,
     run_precompute,
     shard_of,
@@ -527,24 +528,24 @@ def test_precompute_rerun_after_a_rank_died_computes_only_its_missing_slice(
     """Rank 0 finished its shard; rank 1 died after registering one part (one batch: a
     part holds whole batches). A 2-rank rerun computes nothing on rank 0 and the rest of
     shard 1 on rank 1."""
-    import pact.pipeline.precompute as precompute_module
+    from pact.pipeline.precompute import run as precompute_run
 
     single = one_rank_store(world, tmp_path / "single")
     store = fresh_store(world, tmp_path / "store")
     base = dict(max_length=64, batch_size=3, device="cpu", progress=False)
-    run_precompute(world.model_dir, world.data, store, PrecomputeOptions(**base, shard=precompute_module.Shard(0, 2)))
+    run_precompute(world.model_dir, world.data, store, PrecomputeOptions(**base, shard=Shard(0, 2)))
 
-    class DiesAfterOnePart(precompute_module.TargetWriter):
+    class DiesAfterOnePart(precompute_run.TargetWriter):
         def flush(self) -> None:
             super().flush()
             if self.parts_written:
                 raise RuntimeError("rank 1 died")
 
-    monkeypatch.setattr(precompute_module, "TargetWriter", DiesAfterOnePart)
+    monkeypatch.setattr(precompute_run, "TargetWriter", DiesAfterOnePart)
     with pytest.raises(RuntimeError, match="rank 1 died"):
         run_precompute(
             world.model_dir, world.data, store,
-            PrecomputeOptions(**base, shard=precompute_module.Shard(1, 2), examples_per_part=1),
+            PrecomputeOptions(**base, shard=Shard(1, 2), examples_per_part=1),
         )  # fmt: skip
     monkeypatch.undo()
     owned = [sum(shard_of(r["id"], 2) == k for r in data_rows()) for k in (0, 1)]
