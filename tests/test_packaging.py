@@ -89,3 +89,18 @@ def test_python_dash_m_pact_runs_outside_the_checkout(outside: Path) -> None:
     commands = {"tokens", "precompute", "train", "eval", "sql", "plot", "demo"}
     listed = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.strip()}
     assert commands <= listed
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    """`[tool.setuptools] packages` is an explicit list: a new package folder (such as
+    pipeline/precompute/) missing from it would be left out of the wheel."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {"pact": ROOT / "pact", **{name: ROOT / path for name, path in config["package-dir"].items()}}
+    found = {
+        ".".join([name, *init.parent.relative_to(folder).parts])
+        for name, folder in folders.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert found == set(config["packages"])
