@@ -34,7 +34,11 @@ class Inputs:
 
 
 def read_inputs(
-    model_dir: Path, data_path: str | Path, store_dir: str | Path, options: PrecomputeOptions, summary: PrecomputeSummary
+    model_dir: Path,
+    data_path: str | Path,
+    store_dir: str | Path,
+    options: PrecomputeOptions,
+    summary: PrecomputeSummary,
 ) -> Inputs:
     """Read and check the store, the safety set, the reference's config vocabulary and
     the data; encode this shard's examples. Dropped rows go to `summary.dropped`."""

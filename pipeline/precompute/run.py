@@ -50,7 +50,7 @@ def run_precompute(
     store_dir: str | Path,
     options: PrecomputeOptions | None = None,
     *,
-    echo: Callable[[str], None] | None = None,
+    echo: Say | None = None,
 ) -> PrecomputeSummary:
     """Compute the reference targets of every example of `data_path` (this shard) into the store.
 
@@ -77,16 +77,17 @@ def _precompute(
     options: PrecomputeOptions,
     echo: Say | None,
 ) -> PrecomputeSummary:
+    """The phases of `run_precompute`, in order, with the shard's writer lock held."""
     started = time.perf_counter()
     ranks = distributed.current_ranks()
     say = _notes(echo, ranks)
     summary = PrecomputeSummary()
-    with distributed.agreeing():
+    with distributed.agreeing():  # every check, on every rank, before the first write
         _check_shard(options.shard, ranks)
         inputs = read_inputs(Path(model_dir), data_path, store_dir, options, summary)
         reference = load_reference(inputs.model_dir, inputs.safety, inputs.encoded, options)
     _note_inputs(inputs, summary, say, ranks)
-    with distributed.agreeing():
+    with distributed.agreeing():  # every rank plans before any rank rewrites stored rows
         work = _plan_against_store(inputs, reference, options, summary, say)
     _drop_outdated_rows(inputs.store, work, options, summary, say)
     _compute_into_store(inputs, reference, work, options, summary)
@@ -176,8 +177,9 @@ def _compute_into_store(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
         compute_targets(
-            reference.model, work, inputs.header, reference.safety_ids, pad_id, reference.device, options, writer, summary
-        )
+            reference.model, work, inputs.header, reference.safety_ids, pad_id, reference.device,
+            options, writer, summary,
+        )  # fmt: skip
     except KeyboardInterrupt:
         writer.flush()  # keep the finished examples: a rerun resumes after them
         raise
