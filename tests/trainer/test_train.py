@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import warnings
@@ -31,7 +30,7 @@ from pact.core.errors import PactError
 from pact.store.manifest import Store
 from pact.store.sql import query
 from pact.store.targets import TargetReader
-from pact.trainer import checkpoint
+from pact.trainer import checkpoint, steps
 from pact.trainer.batches import (
     cached_batch,
     collate,
@@ -41,17 +40,16 @@ from pact.trainer.batches import (
     step_positions,
 )
 from pact.trainer.config import TrainConfig
+from pact.trainer.fused import batch_loss
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_betas,
     cross_entropy_and_subset,
     token_logprobs,
 )
+from pact.trainer.model import load_student
 from pact.trainer.reference import OnlineReference
-from pact.trainer.train import TrainResult, batch_loss, load_student, train
-
-# trainer/__init__ exports the function `train`, which shadows the submodule's attribute name.
-train_module = importlib.import_module("pact.trainer.train")
+from pact.trainer.train import TrainResult, train
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +453,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     out = tmp_path / "nan"
     calls = {"n": 0}
     snapshot = {}
-    original = train_module.fused_batch_loss
+    original = steps.batch_loss
 
     def nan_on_third_step(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -465,13 +463,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "fused_batch_loss", nan_on_third_step)
+    monkeypatch.setattr(steps, "batch_loss", nan_on_third_step)
     with pytest.raises(
         PactError,
         match=r"the loss is nan at step 3 \(epoch 0, batch 2.*last checkpoint .*step-2 is intact",
     ):
         train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
-    monkeypatch.setattr(train_module, "fused_batch_loss", original)
+    monkeypatch.setattr(steps, "batch_loss", original)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-1", "step-2"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert _tree_digest(out / "checkpoints" / "step-2") == snapshot
