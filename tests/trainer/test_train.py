@@ -624,26 +624,20 @@ def _expect_refusal(world: World, out: Path, message: str, **overrides: object) 
     assert not out.exists()  # refused before any step or file
 
 
-def test_store_for_another_tokenizer(world: World, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("changed", "tokenizer_options"),
+    [
+        ("tokenizer", {"vocab_size": 300}),
+        ("chat template", {"chat_template": CHAT_TEMPLATE.replace("<|end|>", "<|end|>\n")}),
+    ],
+)
+def test_store_for_another_tokenizer_or_chat_template(
+    world: World, tmp_path: Path, changed: str, tokenizer_options: dict
+) -> None:
     other = copy_model(world.model_dir, tmp_path / "other-tokenizer")
-    make_tokenizer(other, vocab_size=300)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^store targets were computed with another tokenizer \(fingerprint \w+ != \w+\)",
-        model=str(other),
-    )
-
-
-def test_store_for_another_chat_template(world: World, tmp_path: Path) -> None:
-    other = copy_model(world.model_dir, tmp_path / "other-template")
-    make_tokenizer(other, chat_template=CHAT_TEMPLATE.replace("<|end|>", "<|end|>\n"))
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^store targets were computed with another chat template \(fingerprint \w+ != \w+\)",
-        model=str(other),
-    )
+    make_tokenizer(other, **tokenizer_options)
+    message = rf"^store targets were computed with another {changed} \(fingerprint \w+ != \w+\)"
+    _expect_refusal(world, tmp_path / "run", message, model=str(other))
 
 
 def test_store_for_another_max_length(world: World, tmp_path: Path) -> None:
@@ -704,30 +698,33 @@ def test_store_without_targets(world: World, tmp_path: Path) -> None:
     )
 
 
-def test_examples_without_targets(world: World, tmp_path: Path) -> None:
-    rows = data_rows() + [
+def _with_new_rows() -> list[dict]:
+    return data_rows() + [
         {"id": "new-1", "prompt": "Say hello.", "completion": "hello"},
         {"id": "new-2", "prompt": "Say bye.", "completion": "bye"},
     ]
-    data = write_jsonl(tmp_path / "more.jsonl", rows)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^2 examples have no targets in the store, first: new-1, new-2 — run pact precompute$",
-        data=str(data),
-    )
 
 
-def test_examples_encoded_differently(world: World, tmp_path: Path) -> None:
+def _with_a_changed_row() -> list[dict]:
     rows = data_rows()
     rows[3]["completion"] = "positive"
-    data = write_jsonl(tmp_path / "changed.jsonl", rows)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^1 example was encoded differently than when its targets were computed \(token hash differs\), first: ex-3 \(\w+ != \w+\)",
-        data=str(data),
-    )
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (_with_new_rows, r"^2 examples have no targets in the store, first: new-1, new-2 — run pact precompute$"),
+        (
+            _with_a_changed_row,
+            r"^1 example was encoded differently than when its targets were computed \(token hash differs\), first: ex-3 \(\w+ != \w+\)",
+        ),
+    ],
+    ids=["without-targets", "encoded-differently"],
+)
+def test_examples_that_do_not_match_the_store(world: World, tmp_path: Path, rows, message: str) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", rows())
+    _expect_refusal(world, tmp_path / "run", message, data=str(data))
 
 
 def test_unknown_lora_targets(world: World, tmp_path: Path) -> None:
