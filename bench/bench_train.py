@@ -158,7 +158,7 @@ class TrainerSteps:
     `method`/`reference` decide what `prepare_inputs` loads (the store's reader for cached
     targets, the safety set for pact); `online` also builds the online reference (a frozen
     copy for full fine-tuning, the adapters disabled for LoRA). Construct it inside
-    `pact.trainer.train._deterministic`, as `pact train` does.
+    `pact.trainer.resume.deterministic`, as `pact train` does.
     """
 
     def __init__(self, spec: dict[str, Any], method: str, reference: str, *, online: bool) -> None:
@@ -169,8 +169,8 @@ class TrainerSteps:
         from pact.core.encoding import assistant_header_ids
         from pact.trainer.config import TrainConfig
         from pact.trainer.inputs import prepare_inputs
+        from pact.trainer.model import autocast_factory, compute_dtype, load_student
         from pact.trainer.reference import OnlineReference
-        from pact.trainer.train import _autocast_factory, _compute_dtype, load_student
 
         transformers_logging.disable_progress_bar()
         os.environ["PACT_CACHE_DIR"] = spec["cache_dir"]
@@ -182,7 +182,7 @@ class TrainerSteps:
         self.device = device = models.resolve_device(config.device)
         self.inputs = inputs = prepare_inputs(config)
         self.model = model = load_student(config, device)
-        self.autocast = _autocast_factory(device)
+        self.autocast = autocast_factory(device)
         self.safety_ids = self.weights = self.online = None
         if inputs.safety is not None:
             self.safety_ids = torch.as_tensor(inputs.safety.token_ids, device=device)
@@ -190,7 +190,7 @@ class TrainerSteps:
         if online:
             lora = config.finetune == "lora"
             reference_model = model if lora else models.load_model(
-                config.model, dtype=_compute_dtype(device), device=device
+                config.model, dtype=compute_dtype(device), device=device
             ).requires_grad_(False)
             self.online = OnlineReference(
                 reference_model, assistant_header_ids(inputs.tokenizer), self.safety_ids,
@@ -218,7 +218,7 @@ class TrainerSteps:
         """One optimizer step of `variant` on `examples`; returns (seconds, loss)."""
         import torch
 
-        from pact.trainer.train import batch_loss
+        from pact.trainer.fused import batch_loss
 
         started = time.perf_counter()
         batch = self.batch(variant, examples)
@@ -257,14 +257,14 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     Returns memory (MiB: CUDA max allocated, or this process's RSS) and the losses."""
     import torch
 
-    from pact.trainer.train import _deterministic
+    from pact.trainer.resume import deterministic
 
     method, reference = VARIANTS[spec["variant"]]
     if spec["pin_mmap_threshold"]:
         pin_mmap_threshold()
     if spec["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with _deterministic(spec["seed"], spec["device"]):
+    with deterministic(spec["seed"], spec["device"]):
         steps = TrainerSteps(spec, method, reference, online=spec["variant"] == "pact-online")
         loaded = _memory_mb(steps.device)["now_mb"]
         losses = [steps.step(spec["variant"], steps.batches[i % len(steps.batches)])[1] for i in range(spec["steps"])]
@@ -284,10 +284,10 @@ def timing_child(spec: dict[str, Any]) -> dict[str, Any]:
     (`OnlineReference.targets`) and one no-grad forward of the full-context batch."""
     import torch
 
-    from pact.trainer.train import _deterministic
+    from pact.trainer.resume import deterministic
 
     names = list(VARIANTS)
-    with _deterministic(spec["seed"], spec["device"]):
+    with deterministic(spec["seed"], spec["device"]):
         steps = TrainerSteps(spec, "pact", "cached", online=True)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         losses: dict[str, list[float]] = {name: [] for name in names}

@@ -175,7 +175,7 @@ class Steps:
         """One optimizer step of `variant`; (seconds, loss)."""
         import torch
 
-        from pact.trainer.train import batch_loss
+        from pact.trainer.fused import batch_loss
 
         trainer = self.trainer
         started = time.perf_counter()
@@ -200,10 +200,10 @@ class Steps:
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant alone in this fresh process: set-up and two optimizer steps."""
-    from pact.trainer.train import _deterministic
+    from pact.trainer.resume import deterministic
 
     pin_mmap_threshold()
-    with _deterministic(spec["seed"], "cpu"):
+    with deterministic(spec["seed"], "cpu"):
         method, reference = VARIANTS[spec["variant"]] or ("sft", "cached")
         steps = Steps(spec, method, reference, online=reference == "online")
         batches = steps.trainer.batches
@@ -213,10 +213,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def timing_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Every variant of one (shape, fine-tuning) in this process, alternated step by step."""
-    from pact.trainer.train import _deterministic
+    from pact.trainer.resume import deterministic
 
     names = list(VARIANTS)
-    with _deterministic(spec["seed"], "cpu"):
+    with deterministic(spec["seed"], "cpu"):
         steps = Steps(spec, "pact", "cached", online=True)  # the store's targets and the online reference
         seconds: dict[str, list[float]] = {name: [] for name in names}
         losses: dict[str, list[float]] = {name: [] for name in names}

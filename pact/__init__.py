@@ -33,7 +33,8 @@ _PUBLIC = {
     "pact_kl": "pact.trainer.loss",
     "pact_kl_terms": "pact.trainer.loss",
     "response_cross_entropy": "pact.trainer.loss",
-    "TrainConfig": "pact.trainer.train",
+    "TrainConfig": "pact.trainer.config",
+    "batch_loss": "pact.trainer.fused",
     "train": "pact.trainer.train",
 }
 

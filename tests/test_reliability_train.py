@@ -241,50 +241,42 @@ def test_sigkill_inside_checkpoint_writes_then_resume(world, server, whole):
     assert_same_run(run, whole, world["store"])
 
 
-@pytest.fixture(scope="module")
-def metrics_kill(world, server, whole):
-    """Killed after writing the temporary of RUN/metrics.parquet, before renaming it; resumed."""
-    run = world["root"] / "metrics-kill"
-    fault = Fault("os:replace", match=".tmp-metrics.parquet", nth=2, when="before")
+KILLS_THEN_RESUME = {
+    # name: (the fault, what the killed run left: f(leftovers, complete checkpoints))
+    "metrics-kill": (  # after writing the temporary of RUN/metrics.parquet, before renaming it
+        Fault("os:replace", match=".tmp-metrics.parquet", nth=2, when="before"),
+        lambda left, complete: any(item.startswith("RUN/.tmp-metrics.parquet.") for item in left),
+    ),
+    "prune-kill": (  # after deleting one file of the oldest checkpoint while pruning (keep 2)
+        Fault("os:unlink", match="optimizer.pt", nth=1, when="after"),  # rmtree(step-1) at step 3
+        lambda left, complete: complete == ["step-2", "step-3"],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(KILLS_THEN_RESUME))
+def kill_then_resume(request, world, server, whole):
+    """A run killed by the fault KILLS_THEN_RESUME[name], what it left (files, complete
+    checkpoints), then resumed: (run, killed, left, complete, resumed)."""
+    run = world["root"] / request.param
+    fault, _ = KILLS_THEN_RESUME[request.param]
     killed = server.run(continue_args(world, run), env=world["env"], faults=[fault])
     left = leftovers(run, world["store"])
-    resumed = server.run(continue_args(world, run), env=world["env"])
-    return run, killed, left, resumed
-
-
-def test_sigkill_during_metrics_write_then_resume(metrics_kill, world, whole):
-    run, killed, left, resumed = metrics_kill
-    assert killed.killed and any(item.startswith("RUN/.tmp-metrics.parquet.") for item in left), left
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(run, whole, world["store"])
-
-
-def test_no_metrics_temporary_left_after_resume(metrics_kill, world):
-    run, _, _, _ = metrics_kill
-    assert leftovers(run, world["store"]) == []
-
-
-@pytest.fixture(scope="module")
-def prune_kill(world, server, whole):
-    """Killed after deleting one file of the oldest checkpoint while pruning (keep 2); resumed."""
-    run = world["root"] / "prune-kill"
-    fault = Fault("os:unlink", match="optimizer.pt", nth=1, when="after")  # rmtree(step-1) at step 3
-    killed = server.run(continue_args(world, run), env=world["env"], faults=[fault])
     complete = [p.name for p in checkpoint.complete_checkpoints(run)]
     resumed = server.run(continue_args(world, run), env=world["env"])
-    return run, killed, complete, resumed
+    return run, killed, left, complete, resumed
 
 
-def test_sigkill_while_pruning_an_old_checkpoint_then_resume(prune_kill, world, whole):
-    run, killed, complete, resumed = prune_kill
-    assert killed.killed and complete == ["step-2", "step-3"]
+def test_sigkill_while_writing_metrics_or_pruning_a_checkpoint_then_resume(kill_then_resume, world, whole):
+    run, killed, left, complete, resumed = kill_then_resume
+    _, left_as_expected = KILLS_THEN_RESUME[run.name]
+    assert killed.killed and left_as_expected(left, complete), (left, complete)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run, whole, world["store"])
 
 
-def test_no_half_deleted_checkpoint_left_after_resume(prune_kill, world):
-    run, _, _, _ = prune_kill
-    assert leftovers(run, world["store"]) == []
+def test_no_half_written_file_or_checkpoint_left_after_resume(kill_then_resume, world):
+    assert leftovers(kill_then_resume[0], world["store"]) == []
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Stage 2: the PACT loss (pure functions) and the training loop behind `pact train`."""
 
 from pact.trainer.config import TrainConfig
+from pact.trainer.fused import batch_loss
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
@@ -15,6 +16,7 @@ __all__ = [
     "PactConfig",
     "TrainConfig",
     "TrainResult",
+    "batch_loss",
     "constrained_sft_loss",
     "cross_entropy_and_subset",
     "pact_kl",

@@ -33,14 +33,26 @@ from pact.trainer.loss import PactConfig, constrained_sft_betas, constrained_sft
 
 
 @dataclass
-class FusedLoss:
-    """loss carries the gradient; ce, kl, gate_mean are detached scalars (kl and
-    gate_mean None outside PACT)."""
+class StepLoss:
+    """One micro-batch: `loss` carries the gradient; ce, kl and gate_mean are floats for
+    logging (kl and gate_mean None outside PACT)."""
 
     loss: Tensor
-    ce: Tensor
-    kl: Tensor | None
-    gate_mean: Tensor | None
+    ce: float
+    kl: float | None
+    gate_mean: float | None
+
+
+def _step_loss(
+    loss: Tensor, ce: Tensor, kl: Tensor | None = None, gate_mean: Tensor | None = None
+) -> StepLoss:
+    """The logged terms as floats (one device sync each)."""
+    return StepLoss(
+        loss,
+        float(ce),
+        None if kl is None else float(kl),
+        None if gate_mean is None else float(gate_mean),
+    )
 
 
 def _flat_rows(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,7 +74,7 @@ def _next_tokens(batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(labelled, next_labels, batch.input_ids.reshape(-1)[rows + 1]), labelled
 
 
-def fused_batch_loss(
+def batch_loss(
     model: Any,
     batch: Batch,
     *,
@@ -73,60 +85,52 @@ def fused_batch_loss(
     weights: Tensor | None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     head_chunk_logits: int = DEFAULT_HEAD_CHUNK_LOGITS,
-) -> FusedLoss:
-    """The loss of `batch` (pact: CE + kl_weight · KL; sft: CE; constrained-sft: Qi et
-    al.), token means over the batch, through the chunked head of `model`. The decoder
-    and the head's matmuls run under `autocast`; the losses are float32."""
+) -> StepLoss:
+    """Forward `batch` through `model` and return its loss (token means over the batch).
+
+    pact: CE + kl_weight · pact_kl; sft: CE; constrained-sft: the Qi et al. loss on the
+    response token log-probs. `batch.reference` must hold the reference targets for
+    pact and constrained-sft. The LM head runs only on the label and step rows, in
+    chunks of `head_chunk_logits` logits. The decoder and the head's matmuls run under
+    `autocast`; the losses are float32.
+    """
     with autocast():
-        return _fused_batch_loss(model, batch, method, kl_weight, pact, safety_ids, weights, head_chunk_logits)
+        label_rows, step_rows, valid = _flat_rows(batch)
+        if method == "constrained-sft":
+            wanted = step_rows[valid]
+        else:
+            if label_rows.numel() == 0:
+                raise PactError("labels have no token to predict: the batch has no response tokens")
+            wanted = torch.cat([label_rows, step_rows[valid]]) if method == "pact" else label_rows
+        rows = torch.unique(wanted)
+        hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask)
+        selected = hidden.reshape(-1, hidden.shape[-1])[rows]
+        del hidden
+        head = LMHead.of(model)  # after the forward: FSDP has gathered the head's weight for it
+        targets, labelled = _next_tokens(batch, rows)
+        steps = torch.searchsorted(rows, step_rows[valid])  # where each valid step's row sits
 
+        if method == "constrained-sft":
+            return _constrained_sft(head, selected, targets, steps, valid, batch, head_chunk_logits)
+        ce_weights = labelled.float() / label_rows.numel()
+        if method == "sft":
+            result = fused_head_loss(head, selected, HeadLoss(targets, ce_weights), budget=head_chunk_logits)
+            return _step_loss(result.loss, result.ce)
 
-def _fused_batch_loss(
-    model: Any,
-    batch: Batch,
-    method: str,
-    kl_weight: float,
-    pact: PactConfig,
-    safety_ids: Tensor | None,
-    weights: Tensor | None,
-    head_chunk_logits: int,
-) -> FusedLoss:
-    label_rows, step_rows, valid = _flat_rows(batch)
-    if method == "constrained-sft":
-        wanted = step_rows[valid]
-    else:
-        if label_rows.numel() == 0:
-            raise PactError("labels have no token to predict: the batch has no response tokens")
-        wanted = torch.cat([label_rows, step_rows[valid]]) if method == "pact" else label_rows
-    rows = torch.unique(wanted)
-    hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask)
-    selected = hidden.reshape(-1, hidden.shape[-1])[rows]
-    del hidden
-    head = LMHead.of(model)  # after the forward: FSDP has gathered the head's weight for it
-    targets, labelled = _next_tokens(batch, rows)
-    steps = torch.searchsorted(rows, step_rows[valid])  # where each valid step's row sits
+        if safety_ids is None or weights is None or batch.reference is None:
+            raise PactError("--method pact needs the safety set and the batch's reference targets")
+        logged: dict[str, Tensor] = {}
 
-    if method == "constrained-sft":
-        return _constrained_sft(head, selected, targets, steps, valid, batch, head_chunk_logits)
-    ce_weights = labelled.float() / label_rows.numel()
-    if method == "sft":
-        result = fused_head_loss(head, selected, HeadLoss(targets, ce_weights), budget=head_chunk_logits)
-        return FusedLoss(result.loss, result.ce, None, None)
+        def kl(subset: Tensor) -> Tensor:
+            student = subset.new_zeros(*valid.shape, subset.shape[-1]).index_put(valid.nonzero(as_tuple=True), subset[steps])
+            terms = pact_kl_terms(student, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact)
+            logged.update(kl=terms.kl.detach(), gate=terms.gate)
+            return kl_weight * terms.kl
 
-    if safety_ids is None or weights is None or batch.reference is None:
-        raise PactError("--method pact needs the safety set and the batch's reference targets")
-    logged: dict[str, Tensor] = {}
-
-    def kl(subset: Tensor) -> Tensor:
-        student = subset.new_zeros(*valid.shape, subset.shape[-1]).index_put(valid.nonzero(as_tuple=True), subset[steps])
-        terms = pact_kl_terms(student, batch.reference.full, batch.reference.post, weights, batch.step_mask, pact)
-        logged.update(kl=terms.kl.detach(), gate=terms.gate)
-        return kl_weight * terms.kl
-
-    spec = HeadLoss(targets, ce_weights, subset_ids=safety_ids, subset_loss=kl)
-    result = fused_head_loss(head, selected, spec, budget=head_chunk_logits)
-    gate_mean = logged["gate"].sum() / batch.step_mask.sum()
-    return FusedLoss(result.loss, result.ce, logged["kl"], gate_mean)
+        spec = HeadLoss(targets, ce_weights, subset_ids=safety_ids, subset_loss=kl)
+        result = fused_head_loss(head, selected, spec, budget=head_chunk_logits)
+        gate_mean = logged["gate"].sum() / batch.step_mask.sum()
+        return _step_loss(result.loss, result.ce, logged["kl"], gate_mean)
 
 
 def _constrained_sft(
@@ -137,7 +141,7 @@ def _constrained_sft(
     valid: Tensor,
     batch: Batch,
     budget: int,
-) -> FusedLoss:
+) -> StepLoss:
     """Constrained SFT on the rows of the valid steps (there, `steps` is the identity)."""
     if batch.reference is None:
         raise PactError("--method constrained-sft needs the batch's reference token log-probs")
@@ -158,4 +162,4 @@ def _constrained_sft(
     order[steps] = torch.arange(steps.numel(), device=steps.device)
     result = fused_head_loss(head, selected, HeadLoss(targets, token_loss=token_loss), budget=budget)
     ce = -result.token_logprob.sum() / valid_count
-    return FusedLoss(result.loss, ce, None, None)
+    return _step_loss(result.loss, ce)

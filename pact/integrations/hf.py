@@ -12,7 +12,7 @@
   targets by example_id (`trainer.batches.cached_batch`), after checking every example's
   token hash against the store (`trainer.validate.check_examples`).
 - `PactLossMixin`: `compute_loss` is `pact train`'s loss of a micro-batch
-  (`trainer.train.batch_loss`), normalised as `pact train` normalises it: a token mean
+  (`pact.trainer.fused.batch_loss`), normalised as `pact train` normalises it: a token mean
   per micro-batch, divided by the micro-batches of the optimizer step, and under DDP each
   rank's share weighed by its response tokens. ce, kl and gate_mean go to `Trainer.log`.
   Every check of the store against the tokenizer, the model and the data runs when the
@@ -47,8 +47,8 @@ from pact.store.safety import SafetySet, load_safety_set
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB, TargetReader
 from pact.trainer.batches import Batch, ReferenceTargets, cached_batch, collate, epoch_batches
 from pact.trainer.config import DEFAULT_KL_WEIGHT, DEFAULT_MAX_LENGTH, METHODS
+from pact.trainer.fused import batch_loss
 from pact.trainer.loss import PactConfig
-from pact.trainer.train import batch_loss
 from pact.trainer.validate import (
     check_encoding,
     check_examples,
@@ -415,7 +415,7 @@ class PactLossMixin:
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """`pact train`'s loss of this micro-batch (`trainer.train.batch_loss`): a token mean
+        """`pact train`'s loss of this micro-batch (`pact.trainer.fused.batch_loss`): a token mean
         over its response tokens. Under DDP (training), times this rank's share of the
         global micro-batch's response tokens x world size, so that DDP's gradient mean is
         the token mean over the global micro-batch, as in `pact train`."""

@@ -29,13 +29,13 @@ from pact.core.lm_head import (
     head_stats,
 )
 from pact.trainer.batches import Batch, ReferenceTargets, gather_steps, response_token_logprobs
+from pact.trainer.fused import batch_loss
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_loss,
     pact_kl_terms,
     response_cross_entropy,
 )
-from pact.trainer.train import batch_loss
 
 VOCAB = 97
 SAFETY = torch.tensor([3, 8, 20, 41, 42, 77, 90])

@@ -30,7 +30,8 @@ from pact.integrations.hf import PactCollator, PactTrainer, encoded_row, pact_da
 from pact.store.manifest import Store
 from pact.store.targets import TargetReader
 from pact.trainer.config import TrainConfig
-from pact.trainer.train import load_student, train
+from pact.trainer.model import load_student
+from pact.trainer.train import train
 
 STEPS = 5
 TOLERANCE = 1e-5
@@ -366,8 +367,8 @@ def test_trainer_under_ddp_on_two_processes_equals_pact_train_in_one(
 def test_evaluate_reports_pact_trains_loss_of_the_eval_set(world: World, tmp_path: Path) -> None:
     from pact.integrations.hf import inputs_batch
     from pact.store.safety import load_safety_set
+    from pact.trainer.fused import batch_loss
     from pact.trainer.loss import PactConfig
-    from pact.trainer.train import batch_loss
 
     tokenizer = load_tokenizer(world.model_dir)
     rows = pact_dataset(world.data, tokenizer, store=world.store_dir)

@@ -158,8 +158,8 @@ SCENARIOS = textwrap.dedent(
     from pact.trainer.config import TrainConfig
 
     spec = json.loads(open(sys.argv[1]).read())
-    train_module = importlib.import_module("pact.trainer.train")
-    real_loss = train_module.batch_loss
+    steps = importlib.import_module("pact.trainer.steps")
+    real_loss = steps.batch_loss
 
 
     def poisoned_loss(model, batch, **options):
@@ -175,7 +175,7 @@ SCENARIOS = textwrap.dedent(
             train(TrainConfig(**values))
         for name in ("changed", "nan"):
             if name == "nan":
-                train_module.batch_loss = poisoned_loss
+                steps.batch_loss = poisoned_loss
             try:
                 train(TrainConfig(**spec[name]))
             except PactError as exc:

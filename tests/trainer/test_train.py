@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import warnings
@@ -31,7 +30,7 @@ from pact.core.errors import PactError
 from pact.store.manifest import Store
 from pact.store.sql import query
 from pact.store.targets import TargetReader
-from pact.trainer import checkpoint
+from pact.trainer import checkpoint, steps
 from pact.trainer.batches import (
     cached_batch,
     collate,
@@ -41,17 +40,16 @@ from pact.trainer.batches import (
     step_positions,
 )
 from pact.trainer.config import TrainConfig
+from pact.trainer.fused import batch_loss
 from pact.trainer.loss import (
     PactConfig,
     constrained_sft_betas,
     cross_entropy_and_subset,
     token_logprobs,
 )
+from pact.trainer.model import load_student
 from pact.trainer.reference import OnlineReference
-from pact.trainer.train import TrainResult, batch_loss, load_student, train
-
-# trainer/__init__ exports the function `train`, which shadows the submodule's attribute name.
-train_module = importlib.import_module("pact.trainer.train")
+from pact.trainer.train import TrainResult, train
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +453,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     out = tmp_path / "nan"
     calls = {"n": 0}
     snapshot = {}
-    original = train_module.fused_batch_loss
+    original = steps.batch_loss
 
     def nan_on_third_step(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -465,13 +463,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "fused_batch_loss", nan_on_third_step)
+    monkeypatch.setattr(steps, "batch_loss", nan_on_third_step)
     with pytest.raises(
         PactError,
         match=r"the loss is nan at step 3 \(epoch 0, batch 2.*last checkpoint .*step-2 is intact",
     ):
         train(make_config(world, out, max_steps=5, save_every=1, finetune="full"))
-    monkeypatch.setattr(train_module, "fused_batch_loss", original)
+    monkeypatch.setattr(steps, "batch_loss", original)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-1", "step-2"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert _tree_digest(out / "checkpoints" / "step-2") == snapshot
@@ -626,26 +624,20 @@ def _expect_refusal(world: World, out: Path, message: str, **overrides: object) 
     assert not out.exists()  # refused before any step or file
 
 
-def test_store_for_another_tokenizer(world: World, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("changed", "tokenizer_options"),
+    [
+        ("tokenizer", {"vocab_size": 300}),
+        ("chat template", {"chat_template": CHAT_TEMPLATE.replace("<|end|>", "<|end|>\n")}),
+    ],
+)
+def test_store_for_another_tokenizer_or_chat_template(
+    world: World, tmp_path: Path, changed: str, tokenizer_options: dict
+) -> None:
     other = copy_model(world.model_dir, tmp_path / "other-tokenizer")
-    make_tokenizer(other, vocab_size=300)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^store targets were computed with another tokenizer \(fingerprint \w+ != \w+\)",
-        model=str(other),
-    )
-
-
-def test_store_for_another_chat_template(world: World, tmp_path: Path) -> None:
-    other = copy_model(world.model_dir, tmp_path / "other-template")
-    make_tokenizer(other, chat_template=CHAT_TEMPLATE.replace("<|end|>", "<|end|>\n"))
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^store targets were computed with another chat template \(fingerprint \w+ != \w+\)",
-        model=str(other),
-    )
+    make_tokenizer(other, **tokenizer_options)
+    message = rf"^store targets were computed with another {changed} \(fingerprint \w+ != \w+\)"
+    _expect_refusal(world, tmp_path / "run", message, model=str(other))
 
 
 def test_store_for_another_max_length(world: World, tmp_path: Path) -> None:
@@ -706,30 +698,33 @@ def test_store_without_targets(world: World, tmp_path: Path) -> None:
     )
 
 
-def test_examples_without_targets(world: World, tmp_path: Path) -> None:
-    rows = data_rows() + [
+def _with_new_rows() -> list[dict]:
+    return data_rows() + [
         {"id": "new-1", "prompt": "Say hello.", "completion": "hello"},
         {"id": "new-2", "prompt": "Say bye.", "completion": "bye"},
     ]
-    data = write_jsonl(tmp_path / "more.jsonl", rows)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^2 examples have no targets in the store, first: new-1, new-2 — run pact precompute$",
-        data=str(data),
-    )
 
 
-def test_examples_encoded_differently(world: World, tmp_path: Path) -> None:
+def _with_a_changed_row() -> list[dict]:
     rows = data_rows()
     rows[3]["completion"] = "positive"
-    data = write_jsonl(tmp_path / "changed.jsonl", rows)
-    _expect_refusal(
-        world,
-        tmp_path / "run",
-        r"^1 example was encoded differently than when its targets were computed \(token hash differs\), first: ex-3 \(\w+ != \w+\)",
-        data=str(data),
-    )
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (_with_new_rows, r"^2 examples have no targets in the store, first: new-1, new-2 — run pact precompute$"),
+        (
+            _with_a_changed_row,
+            r"^1 example was encoded differently than when its targets were computed \(token hash differs\), first: ex-3 \(\w+ != \w+\)",
+        ),
+    ],
+    ids=["without-targets", "encoded-differently"],
+)
+def test_examples_that_do_not_match_the_store(world: World, tmp_path: Path, rows, message: str) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", rows())
+    _expect_refusal(world, tmp_path / "run", message, data=str(data))
 
 
 def test_unknown_lora_targets(world: World, tmp_path: Path) -> None:
