@@ -70,6 +70,7 @@ from pact.core.errors import PactError
 from pact.core.lm_head import check_head_matches_forward, decoder_body, logit_stats
 from pact.core.models import (
     DTYPES,
+    PARTIAL_WEIGHTS_HELP,
     check_dir,
     load_model,
     load_tokenizer,
@@ -197,6 +198,7 @@ class PrecomputeOptions:
         help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.",
     )
     trust_remote_code: bool = setting(False, help="Allow model code shipped with the reference directory.")
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
     progress: bool = setting(True, help="Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:
@@ -665,7 +667,8 @@ def _precompute(
         device = resolve_device(options.device)
         compute_dtype = resolve_dtype(options.dtype, device)
         model = load_model(
-            model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code
+            model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code,
+            allow_partial_weights=options.allow_partial_weights,
         )
         head = model.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):

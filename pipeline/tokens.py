@@ -32,7 +32,7 @@ from pact.core.config import check_choice, check_int, check_number, setting
 from pact.core.data import FORMATS, Example, load_examples
 from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
 from pact.core.errors import PactError
-from pact.core.models import DTYPES, check_dir, file_sha256
+from pact.core.models import DTYPES, PARTIAL_WEIGHTS_HELP, check_dir, file_sha256
 from pact.store.lock import store_writer
 from pact.store.manifest import Store
 from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
@@ -70,6 +70,7 @@ class TokensOptions:
         None, help="Row shape of --data; detected from the first row when omitted.", flag="--format", choices=FORMATS
     )
     trust_remote_code: bool = setting(False, help="Allow model/tokenizer code from the model directories.")
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
     generate_refusals: bool = setting(
         False,
         help="Rows without a refusal get one written by the aligned model (greedy), saved as refusals.jsonl in the store.",
@@ -549,10 +550,13 @@ def _tokens(
         raise PactError(
             f"aligned and base models have different vocabularies (vocab_size {aligned_size} vs {base_size})"
         )
+    partial = options.allow_partial_weights
     aligned = load_model(
-        aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_partial_weights=partial
     )
-    base = load_model(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    base = load_model(
+        base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_partial_weights=partial
+    )
     rows = head_rows(aligned)
     if head_rows(base) != rows:
         raise PactError(
