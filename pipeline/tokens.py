@@ -30,7 +30,13 @@ import pyarrow as pa
 from pact.core.atomic import atomic_write_bytes
 from pact.core.config import check_choice, check_int, check_number, setting
 from pact.core.data import FORMATS, Example, load_examples
-from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
+from pact.core.encoding import (
+    leading_token_ids,
+    render,
+    template_fingerprint,
+    tokenize,
+    tokenizer_fingerprint,
+)
 from pact.core.errors import PactError
 from pact.core.models import DTYPES, PARTIAL_WEIGHTS_HELP, check_dir, file_sha256
 from pact.store.lock import store_writer
@@ -148,7 +154,7 @@ def stage_zero_inputs(
         refusal = example.response.strip()
         if not refusal:
             continue
-        refusal_ids = tokenize(tokenizer, refusal)[: options.max_resp_len]
+        refusal_ids = leading_token_ids(tokenizer, refusal, options.max_resp_len)[0][: options.max_resp_len]
         if not refusal_ids:
             continue
         aligned_prompt = tokenize(
