@@ -80,6 +80,7 @@ from pact.trainer.fused import fused_batch_loss
 from pact.trainer.inputs import RunInputs, prepare_inputs
 from pact.trainer.loss import PactConfig
 from pact.trainer.reference import OnlineReference
+from pact.trainer.resume_check import resume_point
 
 
 @dataclass
@@ -440,7 +441,7 @@ def train(config: TrainConfig) -> TrainResult:
                 raise PactError(
                     f"{run_dir} already holds a training run (config.json); pass --resume or choose another --out"
                 )
-            resume_from = checkpoint.latest_checkpoint(run_dir) if config.resume else None
+            resume_from = resume_point(run_dir) if config.resume else None
             if config.resume and resume_from is None and not (run_dir / "config.json").is_file():
                 raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         with _deterministic(config.seed, device):
