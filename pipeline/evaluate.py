@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
-from pact.core.config import check_choice, check_int, setting
+from pact.core.config import check_choice, check_device, check_int, setting
 from pact.core.data import Example, load_examples
 from pact.core.errors import PactError
 from pact.core.models import (
@@ -365,6 +365,11 @@ class EvalOptions:
         check_int(self.max_length, "--max-length", 2)
         check_choice(self.dtype, DTYPES, "--dtype")
         check_int(self.refusal_window, "--refusal-window", 0)
+        check_device(self.device, "--device")
+        if self.reference is not None and self.probe is None:
+            raise PactError("--reference is the drift probe's reference model: pass --probe too")
+        if self.metric != "label" and self.task is None:
+            raise PactError(f"--metric {self.metric} scores --task: pass --task too")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
-from pact.core.config import check_choice, check_int, check_number, setting
+from pact.core.config import check_choice, check_device, check_int, check_number, setting
 from pact.core.data import FORMATS, Example, load_examples
 from pact.core.encoding import (
     leading_token_ids,
@@ -97,6 +97,7 @@ class TokensOptions:
         check_choice(self.diff_mode, DIFF_MODES, "--diff-mode")
         check_int(self.batch_size, "--batch-size")
         check_choice(self.dtype, DTYPES, "--dtype")
+        check_device(self.device, "--device")
         if self.data_format is not None:
             check_choice(self.data_format, FORMATS, "--format")
         check_int(self.max_new_tokens, "--max-new-tokens")

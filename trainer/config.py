@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pact.core.config import check_choice, check_int, check_number, flag, setting
+from pact.core.config import check_choice, check_device, check_int, check_number, flag, setting
 from pact.core.data import FORMATS
 from pact.core.errors import PactError
 from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
@@ -178,6 +178,7 @@ def _check(config: TrainConfig) -> None:
         check_table_name(config.run_id, name("run_id"))
     check_int(config.probe_batch_size, name("probe_batch_size"))
     check_int(config.head_chunk_logits, name("head_chunk_logits"))
+    check_device(config.device, name("device"))
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
     if config.probe is not None and not config.probe_every:

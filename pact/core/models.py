@@ -29,9 +29,13 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype",
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
+    """'auto' -> 'cuda' when available, else 'cpu'; PactError for anything but auto, cpu,
+    cuda or cuda:<index>, and for CUDA where there is none."""
     import torch
 
+    from pact.core.config import check_device
+
+    check_device(device, "device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
