@@ -31,6 +31,7 @@ from pact.core.models import (
     load_tokenizer,
     model_fingerprint,
 )
+from pact.core.outputs import check_can_create_in
 from pact.pipeline.generation import greedy_generate, prompt_ids
 from pact.pipeline.probe import (
     ProbeResult,
@@ -471,6 +472,7 @@ def run_eval(options: EvalOptions, *, generate: GenerateFn = greedy_generate) ->
     judge_spec = resolve_model(options.judge) if options.judge is not None else None
     if judge_spec is not None and harmful is None:
         raise PactError("--judge scores the --harmful generations: pass --harmful too")
+    check_can_create_in(store.root / "evals", f"--store {store.root}")  # the rows land there, at the end
     load_kwargs = dict(
         dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
         allow_partial_weights=options.allow_partial_weights,

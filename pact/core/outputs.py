@@ -54,6 +54,16 @@ def check_output_file(out: str | os.PathLike, inputs: Mapping[str, str | os.Path
     return target
 
 
+def check_can_create_in(directory: str | os.PathLike, what: str) -> None:
+    """PactError unless files can be written into `directory`: it takes a new file, or it
+    does not exist yet and its nearest existing parent is a directory that does."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable_dir(existing, what)
+
+
 def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
     """PactError unless `directory` exists, is a directory and takes a new file (tried:
     a temporary file is created and removed; permissions alone do not tell for root or on

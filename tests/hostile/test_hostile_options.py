@@ -118,3 +118,15 @@ def test_a_bad_option_is_refused_before_the_model_loads(unloadable, tmp_path, co
     result = call_pact(*args, *extra)
     assert "cannot load a model" not in result.stderr
     assert_one_error_line(result, "^error: " + message)
+
+
+def test_eval_refuses_a_store_it_cannot_write_its_rows_to_before_the_model_loads(unloadable, tmp_path):
+    """Before: the generations ran, then writing STORE/evals/<id>.parquet failed at the end."""
+    import shutil
+
+    world, model, safety, _ = unloadable
+    store = shutil.copytree(world.store_dir, tmp_path / "store")
+    (store / "evals").write_text("not a directory")
+    result = call_pact("eval", "--model", model, "--store", store, "--harmful", safety, "--device", "cpu")
+    assert "cannot load a model" not in result.stderr
+    assert_one_error_line(result, r"^error: --store .*/store: .*/store/evals is not a directory$")
