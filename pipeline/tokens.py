@@ -513,6 +513,8 @@ def run_tokens(
 
     Holds the store's writer lock throughout (store/lock.py): no precompute or other
     `pact tokens` writes it meanwhile."""
+    if Path(store_dir).exists() and not Path(store_dir).is_dir():
+        raise PactError(f"--store {store_dir} exists and is not a directory")
     with store_writer(store_dir):
         return _tokens(aligned_dir, base_dir, data_path, store_dir, options)
 

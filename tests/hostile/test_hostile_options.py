@@ -101,6 +101,7 @@ def test_the_unloadable_model_is_what_a_valid_command_reports(unloadable, tmp_pa
         ("eval", ["--reference", "REFERENCE"], r"--reference is the drift probe's reference model: pass --probe too$"),
         ("eval", ["--metric", "exact"], r"--metric exact scores --task: pass --task too$"),
         ("tokens", ["--top-k", "1"], r"--top-k must be at least 2"),
+        ("tokens", ["--store", "AFILE"], r"--store .*afile exists and is not a directory$"),
         ("precompute", ["--max-batch-tokens", "0"], r"--max-batch-tokens must be an integer >= 1"),
         ("train", ["--run-id", "../x"], r"--run-id '\.\./x' must start with a letter or digit"),
         ("eval", ["--refusal-keywords", "MISSING"], r"refusal keywords file .*missing\.txt does not exist$"),
@@ -109,9 +110,12 @@ def test_the_unloadable_model_is_what_a_valid_command_reports(unloadable, tmp_pa
 def test_a_bad_option_is_refused_before_the_model_loads(unloadable, tmp_path, command, extra, message):
     """Before: `--device bogus` reached the model (tokens, eval: the load error; train: a
     RuntimeError traceback from torch after the data was encoded), and eval ignored
-    `--reference` without `--probe` and `--metric` without `--task`."""
+    `--reference` without `--probe` and `--metric` without `--task`; a file as the store of
+    `pact tokens` was `error: File exists`."""
     _, model, _, _ = unloadable
-    extra = [str(model) if e == "REFERENCE" else str(tmp_path / "missing.txt") if e == "MISSING" else e for e in extra]
+    (tmp_path / "afile").write_text("x")
+    named = {"REFERENCE": str(model), "MISSING": str(tmp_path / "missing.txt"), "AFILE": str(tmp_path / "afile")}
+    extra = [named.get(e, e) for e in extra]
     args = commands(unloadable, tmp_path)[command]
     if "--device" not in extra:
         args = [*args, "--device", "cpu"]
