@@ -20,10 +20,18 @@ from typing import Any
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
-from pact.core.config import check_choice, check_int, setting
+from pact.core.config import check_choice, check_device, check_int, setting
 from pact.core.data import Example, load_examples
 from pact.core.errors import PactError
-from pact.core.models import DTYPES, file_sha256, load_model, load_tokenizer, model_fingerprint
+from pact.core.models import (
+    DTYPES,
+    PARTIAL_WEIGHTS_HELP,
+    file_sha256,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
+from pact.core.outputs import check_can_create_in
 from pact.pipeline.generation import greedy_generate, prompt_ids
 from pact.pipeline.probe import (
     ProbeResult,
@@ -262,9 +270,19 @@ def load_spec_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False) -> 
     return load_tokenizer(spec.tokenizer_dir, trust_remote_code=trust_remote_code)
 
 
-def load_spec_model(spec: ModelSpec, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> Any:
+def load_spec_model(
+    spec: ModelSpec,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_partial_weights: bool = False,
+) -> Any:
     """The model of `spec` in eval mode; base + peft adapter for an adapter run."""
-    model = load_model(spec.weights_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_model(
+        spec.weights_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        allow_partial_weights=allow_partial_weights,
+    )  # fmt: skip
     if spec.adapter_dir is None:
         return model
     from peft import PeftModel
@@ -334,6 +352,7 @@ class EvalOptions:
     trust_remote_code: bool = setting(
         False, help="Allow model code from the model directory (off by default)."
     )
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         if not any([self.harmful, self.benign, self.task, self.probe]):
@@ -344,6 +363,11 @@ class EvalOptions:
         check_int(self.max_length, "--max-length", 2)
         check_choice(self.dtype, DTYPES, "--dtype")
         check_int(self.refusal_window, "--refusal-window", 0)
+        check_device(self.device, "--device")
+        if self.reference is not None and self.probe is None:
+            raise PactError("--reference is the drift probe's reference model: pass --probe too")
+        if self.metric != "label" and self.task is None:
+            raise PactError(f"--metric {self.metric} scores --task: pass --task too")
 
 
 @dataclass
@@ -445,7 +469,11 @@ def run_eval(options: EvalOptions, *, generate: GenerateFn = greedy_generate) ->
     judge_spec = resolve_model(options.judge) if options.judge is not None else None
     if judge_spec is not None and harmful is None:
         raise PactError("--judge scores the --harmful generations: pass --harmful too")
-    load_kwargs = dict(dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code)
+    check_can_create_in(store.root / "evals", f"--store {store.root}")  # the rows land there, at the end
+    load_kwargs = dict(
+        dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
+        allow_partial_weights=options.allow_partial_weights,
+    )  # fmt: skip
     tokenizer = load_spec_tokenizer(spec, trust_remote_code=options.trust_remote_code)
     plan = _plan_probe(options, store, manifest, spec, tokenizer) if options.probe is not None else None
 

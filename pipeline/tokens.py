@@ -28,11 +28,17 @@ import numpy as np
 import pyarrow as pa
 
 from pact.core.atomic import atomic_write_bytes
-from pact.core.config import check_choice, check_int, check_number, setting
+from pact.core.config import check_choice, check_device, check_int, check_number, setting
 from pact.core.data import FORMATS, Example, load_examples
-from pact.core.encoding import render, template_fingerprint, tokenize, tokenizer_fingerprint
+from pact.core.encoding import (
+    leading_token_ids,
+    render,
+    template_fingerprint,
+    tokenize,
+    tokenizer_fingerprint,
+)
 from pact.core.errors import PactError
-from pact.core.models import DTYPES, check_dir, file_sha256
+from pact.core.models import DTYPES, PARTIAL_WEIGHTS_HELP, check_dir, file_sha256
 from pact.store.lock import store_writer
 from pact.store.manifest import Store
 from pact.store.safety import TOKENS_SCHEMA, SafetySet, safety_set_from_vector, save_safety_set
@@ -70,6 +76,7 @@ class TokensOptions:
         None, help="Row shape of --data; detected from the first row when omitted.", flag="--format", choices=FORMATS
     )
     trust_remote_code: bool = setting(False, help="Allow model/tokenizer code from the model directories.")
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
     generate_refusals: bool = setting(
         False,
         help="Rows without a refusal get one written by the aligned model (greedy), saved as refusals.jsonl in the store.",
@@ -90,6 +97,7 @@ class TokensOptions:
         check_choice(self.diff_mode, DIFF_MODES, "--diff-mode")
         check_int(self.batch_size, "--batch-size")
         check_choice(self.dtype, DTYPES, "--dtype")
+        check_device(self.device, "--device")
         if self.data_format is not None:
             check_choice(self.data_format, FORMATS, "--format")
         check_int(self.max_new_tokens, "--max-new-tokens")
@@ -147,7 +155,7 @@ def stage_zero_inputs(
         refusal = example.response.strip()
         if not refusal:
             continue
-        refusal_ids = tokenize(tokenizer, refusal)[: options.max_resp_len]
+        refusal_ids = leading_token_ids(tokenizer, refusal, options.max_resp_len)[0][: options.max_resp_len]
         if not refusal_ids:
             continue
         aligned_prompt = tokenize(
@@ -508,6 +516,8 @@ def run_tokens(
     from pact.core.lm_head import head_rows
     from pact.core.models import load_model, load_tokenizer, model_fingerprint
 
+    if Path(store_dir).exists() and not Path(store_dir).is_dir():
+        raise PactError(f"--store {store_dir} exists and is not a directory")
     with store_writer(store_dir):
         started = time.perf_counter()
         data_format, dtype, device = options.data_format, options.dtype, options.device
@@ -539,10 +549,13 @@ def run_tokens(
             raise PactError(
                 f"aligned and base models have different vocabularies (vocab_size {aligned_size} vs {base_size})"
             )
+        partial = options.allow_partial_weights
         aligned = load_model(
-            aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_partial_weights=partial
         )
-        base = load_model(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base = load_model(
+            base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_partial_weights=partial
+        )
         rows = head_rows(aligned)
         if head_rows(base) != rows:
             raise PactError(

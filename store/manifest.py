@@ -25,6 +25,7 @@ POSITION_CONVENTION = (
     "i.e. the logits at input position response_start - 1 + t"
 )
 PART_KINDS = ("targets", "post")
+MAX_SAFETY_TOKENS = 1 << 24  # above any vocabulary: a larger count is a corrupted manifest
 
 
 def empty_manifest() -> dict[str, Any]:
@@ -87,8 +88,11 @@ def _validate(manifest: Any, path: Path) -> dict[str, Any]:
     safety = manifest.get("safety_tokens")
     if safety is not None:
         count = safety.get("count")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise PactError(f"{path}: safety_tokens.count {count!r} is not a positive integer (corrupted manifest?)")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_SAFETY_TOKENS:
+            raise PactError(
+                f"{path}: safety_tokens.count {count!r} is not an integer from 1 to {MAX_SAFETY_TOKENS} "
+                "(corrupted manifest?)"
+            )
     return manifest
 
 

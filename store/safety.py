@@ -99,6 +99,22 @@ def save_safety_set(
     store.update_manifest(change)
 
 
+class SafetyCountMismatch(PactError):
+    """The manifest's safety_tokens.count disagrees with the safety set it records."""
+
+
+def check_count(store: Store, entry: dict[str, Any], size: int, source: str) -> None:
+    """SafetyCountMismatch when the manifest entry's count is not `size`, the number of
+    tokens of the set `source` holds (a file whose fingerprint matches the entry: so the
+    count, not the file, is wrong)."""
+    if entry.get("count") != size:
+        raise SafetyCountMismatch(
+            f"{store.manifest_path}: safety_tokens.count {entry.get('count')!r} disagrees with {source} "
+            f"({size} tokens, the set the manifest's fingerprint names): corrupted manifest; restore it "
+            "from a backup, or delete the store and rerun `pact tokens` and `pact precompute`"
+        )
+
+
 def load_safety_set(store: Store) -> SafetySet:
     """The store's safety set; a clear error when it is missing or does not match the manifest."""
     manifest = store.require()
@@ -125,6 +141,7 @@ def load_safety_set(store: Store) -> SafetySet:
         raise PactError(
             f"{path} does not match the manifest's safety-token fingerprint (file replaced after `pact tokens`?)"
         )
+    check_count(store, entry, safety.size, SAFETY_FILE)
     return safety
 
 
@@ -150,3 +167,4 @@ def check_tokens_table(store: Store, entry: dict[str, Any]) -> None:
             f"{path} does not list the safety-token set the manifest records (a `pact tokens` run "
             "was interrupted?); rerun the `pact tokens` command that was interrupted"
         )
+    check_count(store, entry, table.num_rows, TOKENS_FILE)

@@ -79,6 +79,9 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
     manifest = store.require()
     num_safety = (manifest.get("safety_tokens") or {}).get("count", 1)
     root = store.root.resolve()
+    tokens = root / TOKENS_FILE
+    if tokens.is_file() and manifest.get("safety_tokens") is not None:  # first: it tells a wrong count
+        check_tokens_table(store, manifest["safety_tokens"])
     parts = {"targets": [], "post": []}
     for entry in manifest["parts"]:
         path = store.resolve(entry["path"])
@@ -88,9 +91,6 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
             )
         check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"), store.root)
         parts[entry["kind"]].append(str(path))
-    tokens = root / TOKENS_FILE
-    if tokens.is_file() and manifest.get("safety_tokens") is not None:
-        check_tokens_table(store, manifest["safety_tokens"])
     views = {
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
         "targets": _files_view(parts["targets"], targets_schema(num_safety)),

@@ -30,7 +30,7 @@ from pact.core.errors import PactError
 from pact.core.text import one_line
 from pact.store.lock import store_writer
 from pact.store.manifest import MANIFEST, PART_KINDS, Store, _validate, check_relative_path
-from pact.store.safety import check_tokens_table, load_safety_set
+from pact.store.safety import SafetyCountMismatch, check_tokens_table, load_safety_set
 from pact.store.targets import check_part_schema
 
 PART_NAME = re.compile(r"part-s\d+of\d+-[0-9a-f]{12}\.parquet")
@@ -200,9 +200,23 @@ def _unlisted(store: Store, registered: set[str], report: Report) -> None:
                                delete=path)  # fmt: skip
 
 
+def _check_safety_count(store: Store, manifest: dict[str, Any]) -> None:
+    """SafetyCountMismatch (a corrupted manifest that repair cannot fix) before the parts
+    are checked against the count: they would all look foreign, and repair delete them."""
+    if manifest.get("safety_tokens") is None:
+        return
+    try:
+        load_safety_set(store)
+    except SafetyCountMismatch:
+        raise
+    except PactError:
+        return  # reported with the other findings
+
+
 def verify(store: Store) -> Report:
     """Check `store` (see the module docstring); the report lists every finding."""
     manifest = _raw_manifest(store)
+    _check_safety_count(store, manifest)
     num_safety = (manifest.get("safety_tokens") or {}).get("count")
     report = Report()
     seen_paths: set[str] = set()

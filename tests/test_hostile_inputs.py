@@ -326,7 +326,7 @@ SYMLINKED = r"manifest path .* is reached through the symbolic link targets(/par
 SQL_ERROR = r"^error: SQL error: "
 NOT_JSON = r"manifest\.json is not valid JSON \(.+\); corrupted manifest\?$"
 BAD_SAFETY_FILE = r"safety_tokens\.safetensors is not a readable safetensors file \(.+\)$"
-BAD_COUNT = r"manifest\.json: safety_tokens\.count {} is not a positive integer \(corrupted manifest\?\)$"
+BAD_COUNT = r"manifest\.json: safety_tokens\.count {} is not an integer from 1 to 16777216 \(corrupted manifest\?\)$"
 CONTROL_PATH = r"manifest path 'targets/part\\x00\.parquet' contains control characters \(tampered manifest\?\)$"
 PART = r"targets/part-s0of1-\w+\.parquet"
 

@@ -259,13 +259,33 @@ def load_checkpoint(
                 param.copy_(weights[name])
     else:
         load_weights(weights)
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    if load_optimizer_state is None:
-        optimizer.load_state_dict(optimizer_state)
-    else:
-        load_optimizer_state(optimizer_state)
-    scheduler.load_state_dict(
-        torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
-    )
-    _restore_rng(path)
+    with _restoring(path, "optimizer.pt"):
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if load_optimizer_state is None:
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            load_optimizer_state(optimizer_state)
+    with _restoring(path, "scheduler.pt"):
+        scheduler.load_state_dict(
+            torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+        )
+    with _restoring(path, "rng.pt and rng.json"):
+        _restore_rng(path)
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+@contextlib.contextmanager
+def _restoring(path: Path, what: str) -> Iterator[None]:
+    """Any failure to read or apply `what` of checkpoint `path` as one PactError line (a
+    damaged file, or one written by another run: torch raises a dozen types for these)."""
+    try:
+        yield
+    except PactError:
+        raise
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        reason = (lines[0] if lines else type(exc).__name__)[:200]
+        raise PactError(
+            f"--resume: cannot restore {what} of {path} ({type(exc).__name__}: {reason}); delete {path} "
+            "to resume from the checkpoint before it, or choose another --out"
+        ) from None

@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pact.core.config import check_choice, check_int, check_number, flag, setting
+from pact.core.config import check_choice, check_device, check_int, check_number, flag, setting
 from pact.core.data import FORMATS
 from pact.core.errors import PactError
 from pact.core.lm_head import DEFAULT_HEAD_CHUNK_LOGITS
+from pact.core.models import PARTIAL_WEIGHTS_HELP
 from pact.store.tables import check_table_name
 from pact.store.targets import DEFAULT_MEMORY_BUDGET_MB
 from pact.trainer.loss import PactConfig
@@ -30,7 +31,7 @@ DEFAULT_MAX_LENGTH = 1024
 RESUMABLE_CHANGES = frozenset(
     {
         "max_steps", "epochs", "save_every", "resume", "merge", "out", "device", "run_id",
-        "targets_memory_mb", "fsdp", "probe_batch_size", "head_chunk_logits",
+        "targets_memory_mb", "fsdp", "probe_batch_size", "head_chunk_logits", "allow_partial_weights",
     }
 )  # fmt: skip
 # --batch-size may change on resume when the world size changes with it: the global
@@ -85,6 +86,7 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute activations in backward to save memory."
     )
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
     seed: int = setting(0, help="Seed of the data order, LoRA init and dropout.")
     save_every: int = setting(
         500, help="Checkpoint every N optimizer steps (and at the end); 0 = never."
@@ -176,6 +178,7 @@ def _check(config: TrainConfig) -> None:
         check_table_name(config.run_id, name("run_id"))
     check_int(config.probe_batch_size, name("probe_batch_size"))
     check_int(config.head_chunk_logits, name("head_chunk_logits"))
+    check_device(config.device, name("device"))
     if config.probe_every and config.probe is None:
         raise PactError("--probe-every needs --probe FILE (a safety set with refusals)")
     if config.probe is not None and not config.probe_every:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ import click
 from pact.core.errors import PactError
 
 _PATH_KINDS = {"file": (True, False), "dir": (False, True), "any": (True, True)}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def setting(
@@ -173,6 +175,12 @@ def check_number(
             bounds.append(f"<= {at_most:g}")
         where = f" {' and '.join(bounds)}" if bounds else ""
         raise PactError(f"{name} must be a finite number{where}, got {value!r}")
+
+
+def check_device(value: Any, name: str) -> None:
+    """auto, cpu, cuda or cuda:<index> (whether CUDA is there is checked when it is used)."""
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
+        raise PactError(f"{name} {value!r} must be auto, cpu, cuda or cuda:<index>")
 
 
 def check_choice(value: Any, choices: Sequence[str], name: str) -> None:

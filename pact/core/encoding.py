@@ -126,6 +126,39 @@ def tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# Bounded tokenisation of long texts (`leading_token_ids`): the first prefix tried holds
+# this many characters per wanted token, and the tokens kept must lie this many tokens
+# before the cut in two prefixes (one twice the other) that agree on them.
+PREFIX_CHARS_PER_TOKEN = 8
+PREFIX_MARGIN_TOKENS = 32
+
+
+def leading_token_ids(tokenizer: Any, text: str, count: int) -> tuple[list[int], bool]:
+    """The token ids of `text` as `tokenize` gives them, without tokenising all of a text
+    far longer than `count` tokens: (ids, True) with every id when the text is short or
+    holds at most about `count` tokens; else (the first `count` ids, False).
+
+    A long text is tokenised by prefixes of growing length (doubling from
+    (count + margin) x 8 characters) until two prefixes, one twice as long as the other,
+    both hold `count` + margin tokens and agree on the first `count`: a token's choice
+    depends only on the text near it, so those are the first `count` tokens of the whole
+    text. The work is bounded by the length of the prefixes, not of the text (a 50 MB
+    response costs a few prefixes of kilobytes)."""
+    wanted = count + PREFIX_MARGIN_TOKENS
+    chars = wanted * PREFIX_CHARS_PER_TOKEN
+    previous: list[int] | None = None
+    while chars < len(text):
+        ids = tokenize(tokenizer, text[:chars])
+        if len(ids) < wanted:
+            previous = None
+        elif previous is not None and ids[:count] == previous[:count]:
+            return ids[:count], False
+        else:
+            previous = ids
+        chars *= 2
+    return tokenize(tokenizer, text), True
+
+
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
     """The tokenizer's special tokens, text -> id: its named ones (bos, eos, pad, ...,
     additional) and every added token marked special (Phi-3's `<|end|>` is only that)."""
@@ -243,8 +276,11 @@ def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -
         )
     check_prompt_size(tokenizer, example.example_id, prompt_text, options.max_length)
     prompt_ids = tokenize(tokenizer, prompt_text)
-    response_ids = tokenize(tokenizer, full_text[len(prompt_text) :])
-    if not options.label_after_end_of_turn:
+    # A response far longer than the room left is tokenised only as far as it is kept; its
+    # end-of-turn token lies past the cut then, so cutting there changes no kept token.
+    room_left = max(1, options.max_length - len(prompt_ids))
+    response_ids, whole = leading_token_ids(tokenizer, full_text[len(prompt_text) :], room_left)
+    if whole and not options.label_after_end_of_turn:
         response_ids = through_end_of_turn(response_ids, template_turn_end(tokenizer))
     if not prompt_ids:
         raise PactError(f"example {example.example_id}: the response starts at position 0 (empty prompt encoding)")
@@ -256,7 +292,7 @@ def encode_example(tokenizer: Any, example: Example, options: EncodingOptions) -
             f"example {example.example_id}: the prompt has {len(prompt_ids)} tokens, leaving no room "
             f"for the response within max_length {options.max_length}"
         )
-    truncated = len(response_ids) > room
+    truncated = len(response_ids) > room or not whole
     response_ids = response_ids[:room]
     input_ids = np.asarray(prompt_ids + response_ids, dtype=np.int64)
     labels = input_ids.copy()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,23 @@ from typing import Any
 from pact.core.errors import PactError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARTIAL_WEIGHTS_FLAG = "--allow-partial-weights"
+PARTIAL_WEIGHTS_HELP = (
+    "Load a model whose weights do not fill the model its config.json describes (missing weights "
+    "stay at random init, unexpected ones are dropped), with a warning, instead of refusing it."
+)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
+    """'auto' -> 'cuda' when available, else 'cpu'; PactError for anything but auto, cpu,
+    cuda or cuda:<index>, and for CUDA where there is none."""
     import torch
 
+    from pact.core.config import check_device
+
+    check_device(device, "device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -101,7 +111,8 @@ def load_model(
     """A causal LM from a local directory of safetensors weights, in eval mode on `device`.
 
     Refused with one line: weights that do not fill the model its config.json describes
-    (unless `allow_partial_weights`), NaN or inf in any weight, any load failure."""
+    (unless `allow_partial_weights`: then one `warning: ...` line on stderr), NaN or inf in
+    any weight, any load failure."""
     from transformers import AutoModelForCausalLM
 
     path = check_dir(path, "model")
@@ -116,8 +127,11 @@ def load_model(
             )  # fmt: skip
     except Exception as exc:  # a bad checkpoint surfaces as any of a dozen types, all one line here
         raise PactError(f"cannot load a model from {path}: {_first_line(exc)}") from None
-    if not allow_partial_weights:
-        check_loading_info(path, info, model)
+    mismatch = loading_mismatch(path, info, model)
+    if mismatch is not None and not allow_partial_weights:
+        raise PactError(f"{mismatch}; {PARTIAL_WEIGHTS_FLAG} loads it anyway")
+    if mismatch is not None:
+        print(f"warning: {mismatch}; loaded anyway ({PARTIAL_WEIGHTS_FLAG})", file=sys.stderr, flush=True)
     model = model.to(device).eval()
     check_finite_weights(path, model)
     return model
@@ -130,15 +144,20 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers' load report (a multi-line table) off while loading: pact says it in one line."""
+    """transformers' load report (a multi-line table) and its `Loading weights` progress
+    bar off while loading: pact says what went wrong in one line."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _tied(model: Any, names: set[str]) -> set[str]:
@@ -158,10 +177,10 @@ def _tied(model: Any, names: set[str]) -> set[str]:
     return tied
 
 
-def check_loading_info(path: Path, info: dict[str, Any], model: Any = None) -> None:
-    """PactError when the weights do not fill the model config.json describes: weights
-    missing (left at random init; a head tied to the embeddings is not missing),
-    unexpected (unused), or of another shape."""
+def loading_mismatch(path: Path, info: dict[str, Any], model: Any = None) -> str | None:
+    """One line saying how the weights do not fill the model config.json describes:
+    weights missing (left at random init; a head tied to the embeddings is not missing),
+    unexpected (unused), or of another shape; None when they fill it."""
     parts = []
     for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
         names = {str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or []}
@@ -170,11 +189,20 @@ def check_loading_info(path: Path, info: dict[str, Any], model: Any = None) -> N
         names = sorted(names)
         if names:
             parts.append(f"{len(names)} {label} (first: {names[0]})")
-    if parts:
-        raise PactError(
-            f"the weights in {path} do not match its config.json: {'; '.join(parts)} "
-            "(another model's config, or a cut checkpoint?)"
-        )
+    if not parts:
+        return None
+    return (
+        f"the weights in {path} do not match its config.json: {'; '.join(parts)} "
+        "(another model's config, or a cut checkpoint?)"
+    )
+
+
+def check_loading_info(path: Path, info: dict[str, Any], model: Any = None) -> None:
+    """PactError when the weights do not fill the model config.json describes
+    (`loading_mismatch`)."""
+    mismatch = loading_mismatch(path, info, model)
+    if mismatch is not None:
+        raise PactError(mismatch)
 
 
 def check_finite_weights(path: str | os.PathLike, model: Any) -> None:

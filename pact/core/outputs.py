@@ -2,15 +2,17 @@
 
 `pact train --out` and `pact plot --out` are checked before any model is loaded: an
 output that is, lies inside, or contains the store or a model directory is refused, and
-`pact plot` overwrites only a PNG.
+`pact plot` overwrites only a PNG, in a directory that exists and takes a new file.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from pact.core.atomic import TEMP_PREFIX
 from pact.core.errors import PactError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +37,8 @@ def check_output_dir(out: str | os.PathLike, inputs: Mapping[str, str | os.PathL
 
 def check_output_file(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]) -> Path:
     """`out` (a PNG to write) unless it lies inside one of `inputs` (label -> directory),
-    or is an existing file that is not a PNG (a model, a manifest, a part)."""
+    is an existing file that is not a PNG (a model, a manifest, a part), or its directory
+    is missing or takes no new file (`check_writable_dir`)."""
     path = Path(out)
     target = path.resolve()
     for label, directory in inputs.items():
@@ -47,4 +50,31 @@ def check_output_file(out: str | os.PathLike, inputs: Mapping[str, str | os.Path
         with open(path, "rb") as handle:
             if handle.read(len(PNG_MAGIC)) != PNG_MAGIC:
                 raise PactError(f"--out {out} exists and is not a PNG; refusing to overwrite it")
+    check_writable_dir(path.parent, f"--out {out}")
     return target
+
+
+def check_can_create_in(directory: str | os.PathLike, what: str) -> None:
+    """PactError unless files can be written into `directory`: it takes a new file, or it
+    does not exist yet and its nearest existing parent is a directory that does."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable_dir(existing, what)
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """PactError unless `directory` exists, is a directory and takes a new file (tried:
+    a temporary file is created and removed; permissions alone do not tell for root or on
+    a read-only file system)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise PactError(f"{what}: the directory {directory} does not exist")
+    if not directory.is_dir():
+        raise PactError(f"{what}: {directory} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=TEMP_PREFIX + "probe.", dir=directory):
+            pass
+    except OSError as exc:
+        raise PactError(f"{what}: cannot write in {directory} ({exc.strerror or exc})") from None

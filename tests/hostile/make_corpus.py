@@ -12,9 +12,11 @@ named there is fixed; then clear `known_bug` and regenerate README.md.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,8 +301,19 @@ def write_corpus(directory: Path) -> list[Path]:
     return paths
 
 
+def suite_lines() -> list[str]:
+    """One line per `test_hostile_*.py` suite beside this file: its name and the first
+    sentence of its docstring."""
+    lines = []
+    for path in sorted(HERE.glob("test_hostile_*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        first = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
+        lines.append(f"- `{path.name}`: {first.replace('|', chr(92) + '|')}")
+    return lines
+
+
 def readme_text() -> str:
-    """README.md for the corpus, generated from CASES."""
+    """README.md for the corpus, generated from CASES, and the list of the hostile suites."""
     lines = [
         "# Hostile and broken inputs for `pact data`",
         "",
@@ -326,6 +339,13 @@ def readme_text() -> str:
         "",
         f"{len(CASES)} files, {bugs} known bug{'' if bugs == 1 else 's'}, "
         f"{total / 1e6:.1f} MB in all.",
+        "",
+        "## The hostile suites",
+        "",
+        "Every `tests/hostile/test_hostile_*.py` (the attack run of issue 15, one suite per",
+        "surface), with the first sentence of its docstring:",
+        "",
+        *suite_lines(),
         "",
     ]
     return "\n".join(lines)

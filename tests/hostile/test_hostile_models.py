@@ -121,3 +121,27 @@ def test_the_hash_cache_sees_an_edit_that_restores_the_mtime(model, monkeypatch,
 
 def test_a_sound_model_loads(model):
     assert torch.isfinite(next(load_model(model, device="cpu").parameters())).all()
+
+
+@pytest.mark.parametrize("command", ["tokens", "precompute", "train", "eval"])
+def test_every_command_that_loads_a_model_has_the_partial_weights_flag(command):
+    result = call_pact(command, "--help")
+    assert result.returncode == 0 and "--allow-partial-weights" in result.stdout
+
+
+def test_partial_weights_are_refused_unless_the_flag_allows_them(model, tmp_path):
+    """Before: the refusal had no flag to lift it (load_model's `allow_partial_weights` was
+    Python-only). Refused naming the flag; with it, loaded with one warning line."""
+    edit_config(model, num_hidden_layers=3)
+    store = Store(tmp_path / "s")
+    make_safety(store, 263)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    args = ("precompute", "--reference", model, "--data", data, "--store", store.root, "--device", "cpu", "--no-progress")
+    assert_one_error_line(
+        call_pact(*args), r"do not match its config\.json: \d+ missing .*; --allow-partial-weights loads it anyway$"
+    )
+    result = call_pact(*args, "--allow-partial-weights")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: the weights")]
+    assert len(warnings) == 1 and warnings[0].endswith("loaded anyway (--allow-partial-weights)")
+    assert "Traceback" not in result.stderr
