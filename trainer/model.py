@@ -57,7 +57,10 @@ def enable_activation_checkpointing(model: Any) -> None:
 def load_student(config: TrainConfig, device: str) -> Any:
     """The model to fine-tune, loaded with `models.load_model`: full (all weights trainable) or
     wrapped with LoRA adapters."""
-    model = models.load_model(config.model, dtype=weights_dtype(config.finetune, device), device=device)
+    model = models.load_model(
+        config.model, dtype=weights_dtype(config.finetune, device), device=device,
+        allow_partial_weights=config.allow_partial_weights,
+    )  # fmt: skip
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -115,8 +118,9 @@ def online_reference(
         reference = model  # adapters disabled for the reference pass
     else:
         reference = models.load_model(
-            config.model, dtype=compute_dtype(device), device=device
-        ).requires_grad_(False)
+            config.model, dtype=compute_dtype(device), device=device,
+            allow_partial_weights=config.allow_partial_weights,
+        ).requires_grad_(False)  # fmt: skip
     return OnlineReference(
         reference,
         assistant_header_ids(tokenizer),

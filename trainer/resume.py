@@ -20,6 +20,7 @@ from pact.core.errors import PactError
 from pact.trainer import checkpoint
 from pact.trainer.checkpoint import TrainerState
 from pact.trainer.config import RESUMABLE_CHANGES
+from pact.trainer.resume_check import checked_latest_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +84,7 @@ def resume_point(run_dir: Path, resume: bool) -> Path | None:
     --resume, or a run killed before its first checkpoint, which starts over at step 0)."""
     if not resume:
         return None
-    latest = checkpoint.latest_checkpoint(run_dir)
+    latest = checked_latest_checkpoint(run_dir)
     if latest is None and not (run_dir / "config.json").is_file():
         raise PactError(f"--resume: {run_dir} has no complete checkpoint to resume from")
     return latest

@@ -1,6 +1,6 @@
 """`pact train --resume`: what it resumes from, checked before any model is loaded.
 
-`resume_point(run_dir)` is the newest complete checkpoint of the run (or None when the
+`checked_latest_checkpoint(run_dir)` is the newest complete checkpoint of the run (or None when the
 run was killed before its first one, then its `config.json` is checked instead). Every
 file of that checkpoint is checked to be what `pact train` writes: the JSON files parse
 to objects of the expected shape, the step counts are non-negative integers that agree
@@ -118,7 +118,7 @@ def check_checkpoint(path: Path) -> None:
         check_torch_file(path / name)
 
 
-def resume_point(run_dir: Path) -> Path | None:
+def checked_latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of `run_dir`, checked; None when it has none (its
     `config.json`, when present, is checked then: the run restarts from step 0)."""
     checkpoints = run_dir / checkpoint.CHECKPOINTS_DIR

@@ -37,7 +37,10 @@ def load_reference(
     fingerprint = model_fingerprint(model_dir)
     device = resolve_device(options.device)
     compute_dtype = resolve_dtype(options.dtype, device)
-    model = load_model(model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code)
+    model = load_model(
+        model_dir, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code,
+        allow_partial_weights=options.allow_partial_weights,
+    )  # fmt: skip
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise PactError(f"reference {model_dir} has no output embedding (LM head)")

@@ -9,15 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pact.core.config import check_choice, check_int, setting
+from pact.core.config import check_choice, check_device, check_int, setting
 from pact.core.data import FORMATS
 from pact.core.encoding import EncodingOptions
 from pact.core.errors import PactError
-from pact.core.models import DTYPES
+from pact.core.models import DTYPES, PARTIAL_WEIGHTS_HELP
 from pact.store.targets import VALUE_DTYPES
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,7 @@ class PrecomputeOptions:
         help="Drop invalid rows and examples whose prompt does not fit --max-length (reported) instead of failing.",
     )
     trust_remote_code: bool = setting(False, help="Allow model code shipped with the reference directory.")
+    allow_partial_weights: bool = setting(False, help=PARTIAL_WEIGHTS_HELP)
     progress: bool = setting(True, help="Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:
@@ -118,8 +118,7 @@ class PrecomputeOptions:
         check_int(self.examples_per_part, "--part-size")
         check_choice(self.dtype, DTYPES, "--dtype")
         check_choice(self.value_dtype, tuple(VALUE_DTYPES), "--value-dtype")
-        if not _DEVICE.match(str(self.device)):
-            raise PactError(f"--device {self.device!r} must be auto, cpu, cuda or cuda:<index>")
+        check_device(self.device, "--device")
         if self.data_format is not None:
             check_choice(self.data_format, FORMATS, "--format")
         if not isinstance(self.shard, Shard):
