@@ -156,6 +156,11 @@ def check_tokens_table(store: Store, entry: dict[str, Any]) -> None:
     """PactError unless `tokens.parquet` lists the safety set the manifest entry records
     (a `pact tokens` killed after replacing the file, before the manifest, leaves them apart)."""
     path = store.root / TOKENS_FILE
+    if not path.is_file():
+        raise PactError(
+            f"{path} is missing; rerun the `pact tokens` command that wrote the store (add --force when it "
+            "holds targets: the same models, data and options give the same set, and the targets stay valid)"
+        )
     try:
         table = pq.read_table(path, columns=["token_id", "weight"])
         matches = table_fingerprint(table, int(entry.get("vocab_size") or 0)) == entry.get("fingerprint")

@@ -80,7 +80,7 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
     num_safety = (manifest.get("safety_tokens") or {}).get("count", 1)
     root = store.root.resolve()
     tokens = root / TOKENS_FILE
-    if tokens.is_file() and manifest.get("safety_tokens") is not None:  # first: it tells a wrong count
+    if manifest.get("safety_tokens") is not None:  # first: it tells a wrong count
         check_tokens_table(store, manifest["safety_tokens"])
     parts = {"targets": [], "post": []}
     for entry in manifest["parts"]:

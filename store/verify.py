@@ -30,7 +30,13 @@ from pact.core.errors import PactError
 from pact.core.text import one_line
 from pact.store.lock import store_writer
 from pact.store.manifest import MANIFEST, PART_KINDS, Store, _validate, check_relative_path
-from pact.store.safety import SafetyCountMismatch, check_tokens_table, load_safety_set
+from pact.store.safety import (
+    SAFETY_FILE,
+    TOKENS_FILE,
+    SafetyCountMismatch,
+    check_tokens_table,
+    load_safety_set,
+)
 from pact.store.targets import check_part_schema
 
 PART_NAME = re.compile(r"part-s\d+of\d+-[0-9a-f]{12}\.parquet")
@@ -44,6 +50,7 @@ class Finding:
     path: str
     message: str
     warning: bool = False
+    repairable: bool = True  # `pact store repair` fixes it (otherwise the message says what does)
 
     def line(self) -> str:
         return f"{'warning' if self.warning else 'problem'}: {self.path}: {self.message}"
@@ -63,8 +70,10 @@ class Report:
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if not f.warning]
 
-    def add(self, path: str, message: str, *, delete: Path | None = None, warning: bool = False) -> None:
-        self.findings.append(Finding(path, one_line(message, 300), warning))
+    def add(
+        self, path: str, message: str, *, delete: Path | None = None, warning: bool = False, repairable: bool = True
+    ) -> None:
+        self.findings.append(Finding(path, one_line(message, 300), warning, repairable))
         if delete is not None:
             self.delete.append(delete)
 
@@ -250,9 +259,13 @@ def verify(store: Store) -> Report:
     if manifest.get("safety_tokens") is not None and not any(f.path == MANIFEST for f in report.findings):
         try:
             load_safety_set(store)
-            check_tokens_table(store, manifest["safety_tokens"])
         except PactError as exc:
-            report.add("safety_tokens.safetensors", f"{exc}; rerun `pact tokens` (repair cannot recompute it)")
+            report.add(SAFETY_FILE, f"{exc}; rerun `pact tokens` (repair cannot recompute it)", repairable=False)
+        else:
+            try:
+                check_tokens_table(store, manifest["safety_tokens"])
+            except PactError as exc:
+                report.add(TOKENS_FILE, f"{exc} (repair cannot recompute it)", repairable=False)
     return report
 
 

@@ -39,7 +39,14 @@ def verify_command(store_dir: str) -> None:
     if not problems:
         click.echo(f"{summary}; no problem")
         return
-    click.echo(f"{summary}; {problems} problem{'s' if problems != 1 else ''}: run `pact store repair {store.root}`")
+    repairable = sum(1 for finding in report.problems if finding.repairable)
+    found = f"{summary}; {problems} problem{'s' if problems != 1 else ''}"
+    if repairable == problems:
+        click.echo(f"{found}: run `pact store repair {store.root}`")
+    elif repairable:
+        click.echo(f"{found}: `pact store repair {store.root}` fixes {repairable}, the others need what their line says")
+    else:
+        click.echo(f"{found}: repair cannot fix {'them' if problems != 1 else 'it'}; do what the line above says")
     sys.exit(1)
 
 

@@ -83,3 +83,22 @@ def test_a_killed_tokens_run_is_refused_then_repaired_by_its_rerun(world, tmp_pa
     assert call_pact("store", "repair", store.root).returncode == 0
     result = call_pact("sql", store.root, "SELECT count(*) AS n FROM safety_tokens", "--format", "csv")
     assert (result.returncode, result.stdout) == (0, "n\n5\n")
+
+
+def test_a_deleted_tokens_table_is_refused_and_its_advice_rebuilds_it(world, tmp_path):
+    """Attack rerun N34: with tokens.parquet deleted, `pact sql` answered 0 rows with exit 0,
+    and verify advised `pact store repair`, which cannot rebuild it."""
+    store = Store(tmp_path / "s")
+    shutil.copytree(world["template"], store.root)
+    (store.root / "tokens.parquet").unlink()
+    sql = call_pact("sql", store.root, "SELECT count(*) FROM confidences")
+    assert_one_error_line(sql, r"tokens\.parquet is missing; rerun the `pact tokens` command that wrote the store .*")
+    verify = call_pact("store", "verify", store.root)
+    assert verify.returncode == 1
+    assert "problem: tokens.parquet:" in verify.stdout
+    assert verify.stdout.strip().splitlines()[-1].endswith("repair cannot fix it; do what the line above says")
+    rerun = world["server"].run(tokens_args(world["root"], store, "8"))
+    assert rerun.returncode == 0, rerun.stderr
+    result = call_pact("sql", store.root, "SELECT count(*) AS n FROM targets", "--format", "csv")
+    assert (result.returncode, result.stdout) == (0, "n\n2\n"), result.stderr  # e0, two steps, kept
+    assert call_pact("store", "verify", store.root).returncode == 0
