@@ -1,5 +1,6 @@
-"""Memory of the no-grad heads: how many `[rows, V]` temporaries stage 0 holds at once,
-and precompute's default chunk (flat peak memory when the batch or the texts double)."""
+"""Memory of the no-grad stages: how many `[rows, V]` temporaries stage 0 holds at once,
+precompute's default chunk and the probe's batches (flat peak memory when the batch or
+the texts double)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from pact.core.lm_head import HeadRows
 from pact.pipeline.precompute import PrecomputeOptions
+from pact.pipeline.probe import probe_batches
 from pact.pipeline.tokens import accumulate_stage_zero
 
 QWEN_VOCAB = 151_936
@@ -82,3 +84,14 @@ def test_precompute_default_chunk_is_filled_by_a_batch_of_short_answers() -> Non
     chunk = PrecomputeOptions().chunk_positions
     assert chunk <= 8 * 5
     assert chunk * QWEN_VOCAB * 4 <= 32 * 2**20  # float32 bytes of one chunk at Qwen2.5's vocabulary
+
+
+def test_probe_batches_cut_long_rows_to_fewer_per_forward() -> None:
+    # budget 4 x 10^2: four rows of 10 tokens fit; rows of 20 go two at a time (2 x 400 = 800 > 400: one)
+    assert [list(b) for b in probe_batches([10] * 6, batch_size=4, budget=400)] == [[0, 1, 2, 3], [4, 5]]
+    assert [list(b) for b in probe_batches([20, 20, 10], batch_size=4, budget=400)] == [[0], [1], [2]]
+    assert [list(b) for b in probe_batches([10, 10, 20], batch_size=4, budget=400)] == [[0, 1], [2]]
+    assert [list(b) for b in probe_batches([], batch_size=4, budget=400)] == []
+    # the default keeps 16 rows of 512 tokens together and cuts 16 rows of 1,024 to 4 per forward
+    assert [len(b) for b in probe_batches([512] * 16, batch_size=16)] == [16]
+    assert [len(b) for b in probe_batches([1024] * 16, batch_size=16)] == [4, 4, 4, 4]
