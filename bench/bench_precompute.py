@@ -35,34 +35,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO_ROOT,
-    ForkedRunner,
-    alternate,
-    apply_sizes,
-    base_parser,
-    bench_run,
-    finish,
-    fmt,
-    markdown_table,
-    pin_mmap_threshold,
-    positive_int,
-    process_memory_mb,
-    reset_peak_rss,
-    save_llama,
-    summarize,
-    synthetic_rows,
-    write_jsonl,
-    write_safety_tokens,
-)
+from bench import common
 
 OVERHEAD_GOAL = 1.15
 DEDUP_GOAL = 0.40
-DEDUP_DATA = REPO_ROOT.parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
+DEDUP_DATA = common.REPO_ROOT.parent / "shared" / "data" / "sst2_5k_harmful_p0.1.json"
 
 CPU = dict(
-    model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-               num_attention_heads=8, num_key_value_heads=8),
+    model=common.llama_config(32000, 512, 1376, 4, 8, 8),
     examples=64, seq_len=128, prompt_tokens=64, batch_size=8, repeats=3, dedup_rows=1000,
     memory_body=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4),
@@ -71,43 +51,37 @@ CPU = dict(
 )
 GPU = dict(
     CPU,
-    model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-               num_attention_heads=16, num_key_value_heads=16),
+    model=common.llama_config(32000, 2048, 5632, 16, 16, 16),
     examples=256, seq_len=512, prompt_tokens=256, batch_size=16,
 )
 QUICK = dict(
-    model=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2),
-    examples=6, seq_len=32, prompt_tokens=12, batch_size=2, repeats=2, dedup_rows=40,
-    memory_body=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2),
-    memory_vocabs=(300, 600, 1200), memory_batches=(1, 2, 4), memory_seq_len=32,
-    memory_prompt_tokens=8, chunk_positions=8,
+    CPU, model=common.llama_config(300, 32, 64, 2, 4, 2), examples=6, seq_len=32, prompt_tokens=12, batch_size=2,
+    repeats=2, dedup_rows=40, memory_body=dict(CPU["memory_body"], hidden_size=32, intermediate_size=64, num_key_value_heads=2),
+    memory_vocabs=(300, 600, 1200), memory_batches=(1, 2, 4), memory_seq_len=32, memory_prompt_tokens=8, chunk_positions=8,
 )
 MEASURES = ("overhead", "dedup", "memory")
-DEDUP_MODEL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+DEDUP_MODEL = common.llama_config(300, 64, 128, 2, 4, 2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = base_parser("bench_precompute", __doc__.split("\n\n")[0])
+    parser = common.base_parser("bench_precompute", __doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: CUDA when available (then the ~1B overhead model) (default: %(default)s)")
     parser.add_store_shape()
-    parser.add_argument("--examples", type=positive_int, help="examples of the overhead measure (default: 64 on CPU)")
+    parser.add_argument("--examples", type=common.positive_int, help="examples of the overhead measure (default: 64 on CPU)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's dynamic mmap threshold on in the memory processes; by default it is pinned "
                              "at 128 KiB so the peak RSS follows the live memory")
     parser.add_argument("--dedup-data", type=Path, default=DEDUP_DATA,
                         help="classification-style set for the dedup measure; skipped with a note when absent (default: %(default)s)")
-    parser.add_argument("--dedup-rows", type=positive_int, help="first rows of --dedup-data to use (default: 1000)")
+    parser.add_argument("--dedup-rows", type=common.positive_int, help="first rows of --dedup-data to use (default: 1000)")
     parser.add_argument("--only", action="append", choices=MEASURES,
                         help="run only this measure (repeat for several; default: all three)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else GPU if args.device.startswith("cuda") else CPU
-    apply_sizes(args, sizes, ("examples", "dedup_rows", "repeats"),
-                ("model", "seq_len", "prompt_tokens", "batch_size", "memory_body", "memory_vocabs",
-                 "memory_batches", "memory_seq_len", "memory_prompt_tokens", "chunk_positions"))
+    common.apply_sizes(args, sizes, ("examples", "dedup_rows", "repeats"),
+                       ("model", "seq_len", "prompt_tokens", "batch_size", "memory_body", "memory_vocabs",
+                        "memory_batches", "memory_seq_len", "memory_prompt_tokens", "chunk_positions"))
     if args.num_safety >= min(args.model["vocab_size"], *args.memory_vocabs):
         parser.error(f"--num-safety {args.num_safety} must be below the smallest vocabulary measured")
     return args
@@ -117,7 +91,7 @@ def new_store(root: Path, num_safety: int, vocab_size: int, seed: int) -> Path:
     """An empty store with a random safety set of `num_safety` ids in `vocab_size`."""
     from pact.store.manifest import Store
 
-    write_safety_tokens(Store(root), num_safety, seed, vocab_size=vocab_size)
+    common.write_safety_tokens(Store(root), num_safety, seed, vocab_size=vocab_size)
     return root
 
 
@@ -171,7 +145,7 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from pact.core.models import load_model
 
     model_dir = workdir / "overhead-model"
-    info = save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
+    info = common.save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
     data = _write_rows(model_dir, workdir / "overhead.jsonl", args.examples, args.prompt_tokens, args.seq_len, args.seed)
     tokenizer, encoded, header = encoded_examples(model_dir, data, args.seq_len)
     options = precompute.PrecomputeOptions(max_length=args.seq_len, batch_size=args.batch_size, device=args.device, progress=False)
@@ -209,10 +183,10 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return compute
 
     with wrapped(precompute.run, "compute_targets", timed):
-        alternate({"precompute": run_precompute, "bare": bare}, 1)  # warm-up round, not counted
+        common.alternate({"precompute": run_precompute, "bare": bare}, 1)  # warm-up round, not counted
         compute_s.clear()
-        seconds = alternate({"precompute": run_precompute, "bare": bare}, args.repeats)
-    total, bare_s, loop = summarize(seconds["precompute"]), summarize(seconds["bare"]), summarize(compute_s)
+        seconds = common.alternate({"precompute": run_precompute, "bare": bare}, args.repeats)
+    total, bare_s, loop = common.summarize(seconds["precompute"]), common.summarize(seconds["bare"]), common.summarize(compute_s)
     last = summaries[-1]
     result = {
         "model_parameters": info["parameters"],
@@ -245,7 +219,7 @@ def _write_rows(model_dir: Path, path: Path, count: int, prompt_tokens: int, seq
     from pact.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    return write_jsonl(path, synthetic_rows(tokenizer, count, prompt_tokens, seq_len - prompt_tokens, seed))
+    return common.write_jsonl(path, common.synthetic_rows(tokenizer, count, prompt_tokens, seq_len - prompt_tokens, seed))
 
 
 # ----------------------------------------------------------------------------- 2. dedup
@@ -266,9 +240,9 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if not args.dedup_data.is_file():
         return {"skipped": f"{args.dedup_data} not found: the dedup measure needs the shared sst2 set"}
     rows = json.loads(args.dedup_data.read_text(encoding="utf-8"))[: args.dedup_rows]
-    data = write_jsonl(workdir / "dedup.jsonl", rows)
+    data = common.write_jsonl(workdir / "dedup.jsonl", rows)
     model_dir = workdir / "dedup-model"
-    save_llama(model_dir, DEDUP_MODEL, seed=args.seed)
+    common.save_llama(model_dir, DEDUP_MODEL, seed=args.seed)
     store = new_store(workdir / "dedup-store", args.num_safety, DEDUP_MODEL["vocab_size"], args.seed)
     options = precompute.PrecomputeOptions(max_length=1024, batch_size=8, device=args.device, progress=False)
     post_calls: list[dict[str, Any]] = []  # the responses of every post-only call run_precompute made
@@ -327,10 +301,10 @@ def measure_dedup(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return run
 
     candidates = {"dedup": replay(post_calls), "per_batch": replay(per_batch_calls), "no_dedup": replay(no_dedup_calls)}
-    alternate(candidates, 1)
-    seconds = alternate(candidates, args.repeats)
+    common.alternate(candidates, 1)
+    seconds = common.alternate(candidates, args.repeats)
     for name, block in (("dedup", counted), ("per_batch", per_batch), ("no_dedup", without)):
-        block["seconds"] = summarize(seconds[name])["median_s"]
+        block["seconds"] = common.summarize(seconds[name])["median_s"]
     result = {
         "data": str(args.dedup_data),
         "rows": len(rows),
@@ -366,8 +340,8 @@ def _memory_start(device: str) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
-    reset_peak_rss()
-    return process_memory_mb()["rss_mb"]
+    common.reset_peak_rss()
+    return common.process_memory_mb()["rss_mb"]
 
 
 def _memory_peak(device: str) -> float:
@@ -376,7 +350,7 @@ def _memory_peak(device: str) -> float:
 
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return process_memory_mb()["peak_mb"]
+    return common.process_memory_mb()["peak_mb"]
 
 
 def _naive_pass(model: Any, ids: Any, mask: Any, starts: list[int], lengths: list[int], safety_ids: Any) -> list[Any]:
@@ -405,7 +379,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     transformers_logging.disable_progress_bar()
     if spec["pin_mmap_threshold"]:
-        pin_mmap_threshold()
+        common.pin_mmap_threshold()
     os.environ["PACT_CACHE_DIR"] = spec["cache_dir"]
     device, marks = spec["device"], {}
     model_dir, data = Path(spec["model_dir"]), Path(spec["data"])
@@ -460,7 +434,7 @@ def measure_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for vocab in args.memory_vocabs:
         model_dir = workdir / f"memory-model-{vocab}"
         model = dict(args.memory_body, vocab_size=vocab)
-        models[vocab] = (model_dir, save_llama(model_dir, model, seed=args.seed, max_positions=max(args.memory_seq_len, 128)))
+        models[vocab] = (model_dir, common.save_llama(model_dir, model, seed=args.seed, max_positions=max(args.memory_seq_len, 128)))
     tokenizer_dir = models[args.memory_vocabs[0]][0]
     data = {
         batch: _write_rows(tokenizer_dir, workdir / f"memory-{batch}.jsonl", batch, args.memory_prompt_tokens,
@@ -470,7 +444,7 @@ def measure_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     points = memory_points(args)
     candidates = [(point, mode) for point in points for mode in ("chunked", "naive")]
     increases: dict[tuple[tuple[int, int], str], list[float]] = {key: [] for key in candidates}
-    runner = ForkedRunner()
+    runner = common.ForkedRunner()
     counter = iter(range(10**6))
     for round_index in range(args.repeats):
         for (vocab, batch), mode in candidates if round_index % 2 == 0 else reversed(candidates):
@@ -524,49 +498,43 @@ def tables(result: dict[str, Any]) -> str:
     rows = []
     if o is not None:
         rows += [
-            ["pact precompute (end to end)", f"{fmt(o['precompute']['median_s'])} s", f"{fmt(o['precompute_over_bare'])}x bare",
+            ["pact precompute (end to end)", f"{common.fmt(o['precompute']['median_s'])} s", f"{common.fmt(o['precompute_over_bare'])}x bare",
              f"goal <= {OVERHEAD_GOAL}x: {'met' if o['meets_goal'] else 'MISSED'}"],
-            ["  its compute loop", f"{fmt(o['precompute_compute_loop']['median_s'])} s", f"{fmt(o['compute_loop_over_bare'])}x bare",
-             f"fixed cost {fmt(o['fixed_cost_s'])} s (load, hash, probe, parts)"],
-            ["bare forward passes", f"{fmt(o['bare_forward']['median_s'])} s", "1",
+            ["  its compute loop", f"{common.fmt(o['precompute_compute_loop']['median_s'])} s", f"{common.fmt(o['compute_loop_over_bare'])}x bare",
+             f"fixed cost {common.fmt(o['fixed_cost_s'])} s (load, hash, probe, parts)"],
+            ["bare forward passes", f"{common.fmt(o['bare_forward']['median_s'])} s", "1",
              f"{o['examples']} examples, {o['forward_batches']['full']} + {o['forward_batches']['post']} batches"],
         ]  # fmt: skip
     if d is not None and "skipped" in d:
         rows.append(["post-only dedup", "skipped", "", d["skipped"]])
     elif d is not None:
         w, pb, wo, calls = d["post_only_with_dedup"], d["post_only_per_example_batch"], d["post_only_without_dedup"], d["forward_calls"]
-        rows.append(["post-only passes, dedup", f"{w['sequences']:,} seq", f"{fmt(100 * d['saving_sequences'])}% fewer",
+        rows.append(["post-only passes, dedup", f"{w['sequences']:,} seq", f"{common.fmt(100 * d['saving_sequences'])}% fewer",
                      f"goal >= {100 * DEDUP_GOAL:.0f}%: {'met' if d['meets_goal'] else 'MISSED'}; {d['rows']:,} rows, "
                      f"{d['distinct_responses']:,} distinct responses"])
         rows.append(["post-only passes, no dedup", f"{wo['sequences']:,} seq", "",
-                     f"tokens {fmt(100 * d['saving_tokens'])}% fewer; {fmt(w['seconds'])} s vs {fmt(wo['seconds'])} s"])
-        rows.append(["post-only forward calls", f"{calls['queued']:,}", f"{fmt(calls['queued'] / calls['per_example_batch'])}x per batch",
-                     f"per example batch {calls['per_example_batch']:,} ({fmt(pb['seconds'])} s); no dedup {calls['no_dedup']:,}; "
+                     f"tokens {common.fmt(100 * d['saving_tokens'])}% fewer; {common.fmt(w['seconds'])} s vs {common.fmt(wo['seconds'])} s"])
+        rows.append(["post-only forward calls", f"{calls['queued']:,}", f"{common.fmt(calls['queued'] / calls['per_example_batch'])}x per batch",
+                     f"per example batch {calls['per_example_batch']:,} ({common.fmt(pb['seconds'])} s); no dedup {calls['no_dedup']:,}; "
                      f"ceil(distinct / batch) = {calls['full_batches']:,}"])
-    summary = markdown_table(["measure", "value", "ratio", "note"], rows) if rows else ""
+    summary = common.markdown_table(["measure", "value", "ratio", "note"], rows) if rows else ""
     if m is None:
         return summary
     memory_rows = [
         [f"{p['vocab_size']:,}", f"{p['batch_size']} x {p['seq_len']}", f"{p['one_full_logits_mb']:,.0f}",
          f"{p['chunked_mb']:,.0f}", f"{p['naive_mb']:,.0f}",
-         f"{fmt(p['naive_over_chunked'])}x" if p["naive_over_chunked"] else "n/a"]
+         f"{common.fmt(p['naive_over_chunked'])}x" if p["naive_over_chunked"] else "n/a"]
         for p in m["points"]
     ]
-    memory = markdown_table(["vocab", "batch x seq", "one [B,L,V] fp32 MiB", "chunked +MiB", "naive +MiB", "naive / chunked"], memory_rows)
+    memory = common.markdown_table(["vocab", "batch x seq", "one [B,L,V] fp32 MiB", "chunked +MiB", "naive +MiB", "naive / chunked"], memory_rows)
     return summary + "\n\n" + memory if summary else memory
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    with bench_run(args, "precompute") as (workdir, result):
-        import torch
-
-        result["parameters"] = {
-            k: getattr(args, k)
-            for k in ("device", "num_safety", "examples", "seq_len", "prompt_tokens", "batch_size", "repeats",
-                      "dedup_rows", "memory_seq_len", "chunk_positions", "default_malloc", "seed")
-        }
-        result["parameters"]["torch_threads"] = torch.get_num_threads()
+    parameters = ("device", "num_safety", "examples", "seq_len", "prompt_tokens", "batch_size", "repeats", "dedup_rows",
+                  "memory_seq_len", "chunk_positions", "default_malloc", "seed")
+    with common.bench_run(args, "precompute", parameters=parameters, torch_threads=True) as (workdir, result):
         measures = {"overhead": measure_overhead, "dedup": measure_dedup, "memory": measure_memory}
         for name in MEASURES:
             if not args.only or name in args.only:
@@ -582,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         f"overhead model: {o['model_parameters'] / 1e6:.1f}M parameters, {args.device}; "
         f"{o['examples']} examples x {args.seq_len} tokens, batch {args.batch_size}; median of {args.repeats} alternated rounds"
     ]
-    return finish("bench_precompute", argv, args.out, result, *header, tables(result))
+    return common.finish("bench_precompute", argv, args.out, result, *header, tables(result))
 
 
 if __name__ == "__main__":

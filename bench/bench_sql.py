@@ -34,18 +34,7 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from bench.common import (
-    alternate,
-    base_parser,
-    bench_run,
-    finish,
-    fmt,
-    markdown_table,
-    peak_rss_mb,
-    positive_int,
-    summarize,
-    synthetic_store,
-)
+from bench import common
 from pact.store.manifest import Store
 from pact.store.sql import connect_readonly
 
@@ -114,8 +103,8 @@ def run_query(name: str, run_a: Store, run_b: Store) -> list[tuple]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = base_parser("bench_sql", __doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=positive_int, default=None, help="minimum confidences rows of run A (default 10000000)")
+    parser = common.base_parser("bench_sql", __doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=common.positive_int, default=None, help="minimum confidences rows of run A (default 10000000)")
     parser.add_store_shape(max_steps=True)
     parser.add_argument("--profile", action="store_true", help="also store each query's EXPLAIN ANALYZE operator timings in the JSON")
     args = parser.parse_args(argv)
@@ -132,7 +121,7 @@ def build_runs(args: argparse.Namespace, workdir: Path) -> tuple[Store, Store, d
     info: dict[str, Any] = {}
     for name, perturb in (("run_a", 0.0), ("run_b", 0.1)):
         with tqdm(desc=f"write {name}", unit="ex", file=sys.stderr, leave=False, mininterval=1.0) as bar:
-            stats = synthetic_store(
+            stats = common.synthetic_store(
                 workdir / name, num_safety=args.num_safety, min_steps_total=min_steps,
                 max_steps=args.max_steps, seed=args.seed, perturb=perturb, progress=bar.update,
             )
@@ -175,33 +164,33 @@ def profile(name: str, run_a: Store, run_b: Store) -> dict[str, Any]:
 def query_memory(name: str, run_a: Store, run_b: Store) -> float:
     """Peak RSS (MiB) of a fresh process running query `name` once."""
     code = (
-        "from bench.bench_sql import run_query\nfrom store.manifest import Store\n"
+        "from bench.bench_sql import run_query\nfrom pact.store.manifest import Store\n"
         f"run_query({name!r}, Store({str(run_a.root)!r}), Store({str(run_b.root)!r}))\n"
     )
-    return peak_rss_mb(code)
+    return common.peak_rss_mb(code)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both runs, time every query; the JSON payload."""
-    with bench_run(args, "sql") as (workdir, result):
-        result["parameters"] = {k: getattr(args, k) for k in ("rows", "num_safety", "max_steps", "repeats", "seed")}
+    parameters = ("rows", "num_safety", "max_steps", "repeats", "seed")
+    with common.bench_run(args, "sql", parameters=parameters) as (workdir, result):
         run_a, run_b, result["stores"] = build_runs(args, workdir)
         result["duckdb_threads"] = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
         counted = run_query("scan", run_a, run_b)[0][0]
         if counted != result["stores"]["run_a"]["confidences_rows"]:
             raise RuntimeError(f"confidences has {counted} rows, expected {result['stores']['run_a']['confidences_rows']}")
         candidates = {name: (lambda name=name: run_query(name, run_a, run_b)) for name in QUERIES}
-        alternate(candidates, 1)
-        seconds = alternate(candidates, args.repeats)
+        common.alternate(candidates, 1)
+        seconds = common.alternate(candidates, args.repeats)
         result["queries"] = {}
         for name, sql in QUERIES.items():
-            timing = summarize(seconds[name])
+            timing = common.summarize(seconds[name])
             result["queries"][name] = {
                 "sql": " ".join(sql.split()),
                 **timing,
                 "result_rows": len(run_query(name, run_a, run_b)),
                 "peak_rss_mb": query_memory(name, run_a, run_b),
-                "over_scan": timing["median_s"] / summarize(seconds["scan"])["median_s"],
+                "over_scan": timing["median_s"] / common.summarize(seconds["scan"])["median_s"],
                 "goal_s": GOAL_S,
                 "meets_goal": timing["median_s"] < GOAL_S,
             }
@@ -214,8 +203,8 @@ def table(result: dict[str, Any]) -> str:
     rows = []
     for name, q in result["queries"].items():
         goal = "reference" if name == "scan" else ("met" if q["meets_goal"] else "MISSED")
-        rows.append([name, fmt(q["median_s"]), fmt(q["max_s"]), f"{fmt(q['over_scan'])}x", f"{q['peak_rss_mb']:,.0f}", goal])
-    return markdown_table(["query", "median s", "max s", "/ scan", "peak RSS MiB", f"goal < {GOAL_S:g} s"], rows)
+        rows.append([name, common.fmt(q["median_s"]), common.fmt(q["max_s"]), f"{common.fmt(q['over_scan'])}x", f"{q['peak_rss_mb']:,.0f}", goal])
+    return common.markdown_table(["query", "median s", "max s", "/ scan", "peak RSS MiB", f"goal < {GOAL_S:g} s"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     a = result["stores"]["run_a"]
     header = (f"run A: {a['examples']:,} examples, {a['steps']:,} steps, {a['confidences_rows']:,} confidences rows; "
               f"{result['parameters']['repeats']} alternated rounds after a warm-up\n")
-    return finish("bench_sql", argv, args.out, result, header, table(result))
+    return common.finish("bench_sql", argv, args.out, result, header, table(result))
 
 
 if __name__ == "__main__":

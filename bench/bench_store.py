@@ -30,61 +30,30 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.common import (
-    StoreStats,
-    alternate,
-    apply_sizes,
-    base_parser,
-    bench_run,
-    finish,
-    fmt,
-    markdown_table,
-    peak_rss_mb,
-    positive_int,
-    summarize,
-    synthetic_store,
-)
+from bench import common
 
 JOIN_GOAL = 50.0
 MIB = 1024.0**2
 
-FULL = dict(
-    ab_examples=2000,
-    cache_examples=100_000,
-    read_examples=20_000,
-    join_batches=25,
-    batch_size=8,
-    seq_len=128,
-    repeats=5,
-    model=dict(vocab_size=12000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-               num_attention_heads=8, num_key_value_heads=8),
-)
-QUICK = dict(
-    ab_examples=12,
-    cache_examples=40,
-    read_examples=20,
-    join_batches=2,
-    batch_size=2,
-    seq_len=16,
-    repeats=2,
-    model=dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2),
-)
+FULL = dict(ab_examples=2000, cache_examples=100_000, read_examples=20_000, join_batches=25, batch_size=8, seq_len=128,
+            repeats=5, model=common.llama_config(12000, 512, 1376, 4, 8, 8))
+QUICK = dict(ab_examples=12, cache_examples=40, read_examples=20, join_batches=2, batch_size=2, seq_len=16, repeats=2,
+             model=common.llama_config(260, 32, 64, 2, 4, 2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = base_parser("bench_store", __doc__.split("\n\n")[0])
+    parser = common.base_parser("bench_store", __doc__.split("\n\n")[0])
     parser.add_store_shape(max_steps=True)
-    parser.add_argument("--ab-examples", type=positive_int, help="examples per float32/float16 store (default 2000)")
-    parser.add_argument("--cache-examples", type=positive_int, help="examples of the big cache (default 100000)")
-    parser.add_argument("--read-examples", type=positive_int, help="random gets per read round (default 20000)")
-    parser.add_argument("--join-batches", type=positive_int, help="batches joined per round (default 25)")
-    parser.add_argument("--batch-size", type=positive_int, help="training batch size (default 8)")
-    parser.add_argument("--seq-len", type=positive_int, help="training sequence length (default 128)")
+    parser.add_argument("--ab-examples", type=common.positive_int, help="examples per float32/float16 store (default 2000)")
+    parser.add_argument("--cache-examples", type=common.positive_int, help="examples of the big cache (default 100000)")
+    parser.add_argument("--read-examples", type=common.positive_int, help="random gets per read round (default 20000)")
+    parser.add_argument("--join-batches", type=common.positive_int, help="batches joined per round (default 25)")
+    parser.add_argument("--batch-size", type=common.positive_int, help="training batch size (default 8)")
+    parser.add_argument("--seq-len", type=common.positive_int, help="training sequence length (default 128)")
     args = parser.parse_args(argv)
-    apply_sizes(args, QUICK if args.quick else FULL,
-                ("ab_examples", "cache_examples", "read_examples", "join_batches", "batch_size", "seq_len", "repeats"),
-                ("model",))
+    common.apply_sizes(args, QUICK if args.quick else FULL,
+                       ("ab_examples", "cache_examples", "read_examples", "join_batches", "batch_size", "seq_len", "repeats"),
+                       ("model",))
     if args.read_examples > args.cache_examples:
         parser.error(f"--read-examples {args.read_examples} exceeds --cache-examples {args.cache_examples}")
     if args.batch_size > args.cache_examples:
@@ -98,25 +67,25 @@ def _progress(total: int, desc: str) -> tqdm:
 
 def measure_dtypes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """float32 vs float16 stores of the same examples, written in alternated rounds."""
-    written: dict[str, StoreStats] = {}
+    written: dict[str, common.StoreStats] = {}
     write_s: dict[str, list[float]] = {"float32": [], "float16": []}
     counter = iter(range(10**9))
 
     def write(dtype: str) -> None:
         root = workdir / f"ab-{dtype}-{next(counter)}"
         with _progress(args.ab_examples, f"write {dtype}") as bar:
-            written[dtype] = synthetic_store(
+            written[dtype] = common.synthetic_store(
                 root, num_safety=args.num_safety, examples=args.ab_examples, max_steps=args.max_steps,
                 value_dtype=dtype, seed=args.seed, progress=bar.update,
             )
         write_s[dtype].append(written[dtype].write_s)
         shutil.rmtree(root)
 
-    alternate({"float32": lambda: write("float32"), "float16": lambda: write("float16")}, args.repeats)
+    common.alternate({"float32": lambda: write("float32"), "float16": lambda: write("float16")}, args.repeats)
     result: dict[str, Any] = {}
     for dtype in ("float32", "float16"):
         store_stats = written[dtype]
-        timing = summarize(write_s[dtype])
+        timing = common.summarize(write_s[dtype])
         result[dtype] = {
             "examples": store_stats.examples,
             "steps": store_stats.steps,
@@ -141,7 +110,7 @@ def build_cache(args: argparse.Namespace, workdir: Path, dtypes: dict[str, Any])
     """The big float32 cache; its size against the size predicted from bytes per step."""
     root = workdir / "cache"
     with _progress(args.cache_examples, "write cache") as bar:
-        stats = synthetic_store(
+        stats = common.synthetic_store(
             root, num_safety=args.num_safety, examples=args.cache_examples, max_steps=args.max_steps,
             seed=args.seed + 1, progress=bar.update,
         )
@@ -177,9 +146,9 @@ def measure_reads(args: argparse.Namespace, cache: Path) -> tuple[dict[str, Any]
         for example_id in ids[: args.read_examples]:
             reader.get(example_id)
         get_s.append(time.perf_counter() - start)
-    gets = summarize(get_s)
+    gets = common.summarize(get_s)
     return {
-        "index_build": summarize(index_s),
+        "index_build": common.summarize(index_s),
         "get_random_cold": gets,
         "get_examples_per_s": args.read_examples / gets["median_s"],
         "examples_per_round": args.read_examples,
@@ -193,8 +162,8 @@ def measure_memory(args: argparse.Namespace, cache: Path, cache_bytes: int) -> d
         f"r = TargetReader(Store({str(cache)!r})); ids = r.example_ids(); random.Random(0).shuffle(ids)\n"
         f"for i in ids[:{args.read_examples}]: r.get(i)\n"
     )
-    baseline = peak_rss_mb(setup)
-    reading = peak_rss_mb(setup + read)
+    baseline = common.peak_rss_mb(setup)
+    reading = common.peak_rss_mb(setup + read)
     return {
         "baseline_mb": baseline,
         "reader_mb": reading,
@@ -253,8 +222,8 @@ def measure_join(args: argparse.Namespace, reader: Any, lengths: dict[str, int])
             cached_batch(batch, 0, reader)
 
     train_step()
-    seconds = alternate({"train_step": train_step, "join": join}, args.repeats)
-    step, joined = summarize(seconds["train_step"]), summarize(seconds["join"])
+    seconds = common.alternate({"train_step": train_step, "join": join}, args.repeats)
+    step, joined = common.summarize(seconds["train_step"]), common.summarize(seconds["join"])
     consumption = args.batch_size / step["median_s"]
     join_rate = args.batch_size * args.join_batches / joined["median_s"]
     return {
@@ -279,31 +248,28 @@ def table(result: dict[str, Any]) -> str:
     d, c, r, j, m = (result[k] for k in ("bytes_per_step", "cache", "read", "join", "memory"))
     f32, f16 = d["float32"], d["float16"]
     rows = [
-        ["bytes per step, float32", fmt(f32["bytes_per_step"]), f"targets {fmt(f32['targets_bytes_per_step'])} + post {fmt(f32['post_bytes_per_step'])}; raw values {f32['raw_value_bytes_per_step']}"],
-        ["bytes per step, float16", fmt(f16["bytes_per_step"]), f"{fmt(d['float16_over_float32_bytes'])}x float32"],
-        [f"cache of {c['examples']:,} examples, float32", f"{c['bytes'] / MIB:,.0f} MiB", f"{c['steps']:,} steps; {fmt(c['actual_over_predicted'])}x the prediction"],
+        ["bytes per step, float32", common.fmt(f32["bytes_per_step"]), f"targets {common.fmt(f32['targets_bytes_per_step'])} + post {common.fmt(f32['post_bytes_per_step'])}; raw values {f32['raw_value_bytes_per_step']}"],
+        ["bytes per step, float16", common.fmt(f16["bytes_per_step"]), f"{common.fmt(d['float16_over_float32_bytes'])}x float32"],
+        [f"cache of {c['examples']:,} examples, float32", f"{c['bytes'] / MIB:,.0f} MiB", f"{c['steps']:,} steps; {common.fmt(c['actual_over_predicted'])}x the prediction"],
         [f"cache of {c['examples']:,} examples, float16", f"{c['predicted_float16_bytes'] / MIB:,.0f} MiB", "extrapolated from bytes per step"],
-        ["write, float32", f"{fmt(f32['write_examples_per_s'])} ex/s", f"{fmt(f32['write_mb_per_s'])} MiB/s (median of {f32['write']['runs']})"],
-        ["write, float16", f"{fmt(f16['write_examples_per_s'])} ex/s", f"{fmt(f16['write_mb_per_s'])} MiB/s; time {fmt(d['float16_over_float32_write_time'])}x float32"],
-        ["write, big cache", f"{fmt(c['write_examples_per_s'])} ex/s", f"{fmt(c['write_mb_per_s'])} MiB/s (one run)"],
-        ["reader index build", f"{fmt(r['index_build']['median_s'])} s", f"max {fmt(r['index_build']['max_s'])} s, {c['examples']:,} examples"],
-        ["get, random order, cold reader", f"{fmt(r['get_examples_per_s'])} ex/s", f"{r['examples_per_round']:,} gets per round"],
+        ["write, float32", f"{common.fmt(f32['write_examples_per_s'])} ex/s", f"{common.fmt(f32['write_mb_per_s'])} MiB/s (median of {f32['write']['runs']})"],
+        ["write, float16", f"{common.fmt(f16['write_examples_per_s'])} ex/s", f"{common.fmt(f16['write_mb_per_s'])} MiB/s; time {common.fmt(d['float16_over_float32_write_time'])}x float32"],
+        ["write, big cache", f"{common.fmt(c['write_examples_per_s'])} ex/s", f"{common.fmt(c['write_mb_per_s'])} MiB/s (one run)"],
+        ["reader index build", f"{common.fmt(r['index_build']['median_s'])} s", f"max {common.fmt(r['index_build']['max_s'])} s, {c['examples']:,} examples"],
+        ["get, random order, cold reader", f"{common.fmt(r['get_examples_per_s'])} ex/s", f"{r['examples_per_round']:,} gets per round"],
         ["peak RSS reading", f"{m['reader_mb']:,.0f} MiB", f"{m['reader_minus_baseline_mb']:,.0f} MiB over imports; cache {m['cache_mb_on_disk']:,.0f} MiB on disk"],
-        ["training consumption", f"{fmt(j['consumption_examples_per_s'])} ex/s", f"{j['model_parameters'] / 1e6:.1f}M params, batch {j['batch_size']}x{j['seq_len']}, fwd+bwd {fmt(j['train_step']['median_s'])} s"],
-        ["trainer join (warm reader)", f"{fmt(j['join_examples_per_s'])} ex/s", "pact.trainer.batches.cached_batch"],
-        ["join / consumption", f"{fmt(j['join_over_consumption'])}x", f"goal >= {JOIN_GOAL:g}x: {'met' if j['meets_goal'] else 'MISSED'}"],
+        ["training consumption", f"{common.fmt(j['consumption_examples_per_s'])} ex/s", f"{j['model_parameters'] / 1e6:.1f}M params, batch {j['batch_size']}x{j['seq_len']}, fwd+bwd {common.fmt(j['train_step']['median_s'])} s"],
+        ["trainer join (warm reader)", f"{common.fmt(j['join_examples_per_s'])} ex/s", "pact.trainer.batches.cached_batch"],
+        ["join / consumption", f"{common.fmt(j['join_over_consumption'])}x", f"goal >= {JOIN_GOAL:g}x: {'met' if j['meets_goal'] else 'MISSED'}"],
     ]
-    return markdown_table(["measure", "value", "note"], rows)
+    return common.markdown_table(["measure", "value", "note"], rows)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    with bench_run(args, "store") as (workdir, result):
-        result["parameters"] = {
-            k: getattr(args, k)
-            for k in ("num_safety", "max_steps", "ab_examples", "cache_examples", "read_examples",
-                      "join_batches", "batch_size", "seq_len", "repeats", "seed")
-        }
+    parameters = ("num_safety", "max_steps", "ab_examples", "cache_examples", "read_examples", "join_batches",
+                  "batch_size", "seq_len", "repeats", "seed")
+    with common.bench_run(args, "store", parameters=parameters) as (workdir, result):
         result["parameters"]["examples_per_part"] = 256
         result["bytes_per_step"] = measure_dtypes(args, workdir)
         cache, result["cache"], lengths = build_cache(args, workdir, result["bytes_per_step"])
@@ -317,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    return finish("bench_store", argv, args.out, result, table(result))
+    return common.finish("bench_store", argv, args.out, result, table(result))
 
 
 if __name__ == "__main__":

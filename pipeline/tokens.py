@@ -235,22 +235,30 @@ def accumulate_stage_zero(
 
     score_sum, aligned_sum, base_sum = sums
     device = score_sum.device
+
+    def log_softmax(logits: Any) -> Any:
+        logits = logits.to(device)
+        return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
     chunks_b = logit_chunks(rows_b, budget)
     for start, stop, logits_a in logit_chunks(rows_a, budget):
+        log_a = log_softmax(logits_a)
+        del logits_a  # each [rows, V] temporary goes as soon as it is used
         _, _, logits_b = next(chunks_b)
-        log_a = torch.log_softmax(logits_a.to(device) / temperature, dim=-1)
-        log_b = torch.log_softmax(logits_b.to(device) / temperature, dim=-1)
-        del logits_a, logits_b
-        p_a, p_b = log_a.exp(), log_b.exp()
-        if diff_mode == "p_diff":
-            per_step = p_a - p_b
-        else:
-            per_step = torch.where(p_a > 0, p_a * (log_b - log_a), torch.zeros_like(p_a))
+        log_b = log_softmax(logits_b)
+        del logits_b
         weights = step_weights[start:stop].to(device)
-        score_sum += per_step.T.mv(weights)
-        aligned_sum += p_a.T.mv(weights)
-        base_sum += p_b.T.mv(weights)
-        del log_a, log_b, p_a, p_b, per_step
+        if diff_mode == "p_diff":  # the log-probs are not needed again: exponentiate in place
+            p_a, p_b = log_a.exp_(), log_b.exp_()
+            aligned_sum += p_a.T.mv(weights)
+            base_sum += p_b.T.mv(weights)
+            score_sum += p_a.sub_(p_b).T.mv(weights)
+        else:
+            p_a, p_b = log_a.exp(), log_b.exp()
+            aligned_sum += p_a.T.mv(weights)
+            base_sum += p_b.T.mv(weights)
+            score_sum += torch.where(p_a > 0, p_a * (log_b - log_a), torch.zeros_like(p_a)).T.mv(weights)
+        del log_a, log_b, p_a, p_b
 
 
 def direction_from_scores(score: Any, aligned_mass: Any, top_k: int) -> Any:

@@ -88,7 +88,7 @@ class PrecomputeOptions:
         help="auto, cpu, cuda or cuda:<index> (under torchrun auto or cuda: cuda:LOCAL_RANK; another index is refused).",
     )
     chunk_positions: int = setting(
-        256, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory)."
+        32, help="Response positions per LM-head chunk (bounds the [chunk, vocab] logits in memory)."
     )
     shard: Shard = setting(help="Shard of the examples this run computes.", factory=Shard, cli=False)
     value_dtype: str = setting(
