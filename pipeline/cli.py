@@ -13,6 +13,7 @@ import sys
 import click
 
 from pact.core.errors import PactError
+from pact.core.text import message_line
 
 COMMANDS = {
     "data": "pact.pipeline.commands.data:data_command",
@@ -83,11 +84,11 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="pact")
     except PactError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {message_line(str(exc))}", err=True)
         sys.exit(2)
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        click.echo(f"error: {message_line(f'{exc.strerror or exc}{where}')}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("\naborted" if sys.stderr.isatty() else "aborted", err=True)
@@ -98,7 +99,7 @@ def main() -> None:
     except click.UsageError as exc:
         help_hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         message = " ".join(exc.format_message().split())
-        click.echo(f"error: {message}{help_hint}", err=True)
+        click.echo(f"error: {message_line(message + help_hint)}", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()

@@ -16,6 +16,7 @@ _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
 # right-to-left override would reorder the rest of the line), and the backslash (so
 # "\\n" stays distinguishable from a newline).
 _ESCAPED = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\\\\]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -31,6 +32,13 @@ def escape_control(text: str) -> str:
     `\\r`, `\\\\`; other C0/C1 control characters as `\\xNN`; the line/paragraph separators
     and bidirectional-text controls as `\\uNNNN`."""
     return _ESCAPED.sub(_escape, text)
+
+
+def message_line(text: str) -> str:
+    """`text` as one line of an error or warning: control characters (a newline in a file
+    name would print a second, forged line) and bidirectional-text controls escaped as in
+    `escape_control`; backslashes kept."""
+    return _CONTROL.sub(_escape, text)
 
 
 def display_width(text: str) -> int:

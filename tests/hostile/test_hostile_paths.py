@@ -110,3 +110,12 @@ def test_sql_cannot_reach_a_neighbour_through_a_store_named_like_a_pattern(tmp_p
             assert_one_error_line(result, r"^error: SQL error: Permission Error: Cannot access file .*/qYx/")
         else:
             assert result.returncode == 0 and result.stdout.split()[-3] == "5", result.stdout
+
+
+def test_a_newline_in_a_file_name_cannot_forge_a_second_error_line(tmp_path):
+    """Attack rerun N12: `pact data` of a file named `line<newline>error: fake.jsonl` printed
+    its error on two lines, the second a forged `error:` line. Now the name is escaped."""
+    path = tmp_path / "line\nerror: fake.jsonl"
+    path.write_text("not json\n", encoding="utf-8")
+    result = call_pact("data", path)
+    assert_one_error_line(result, r"line\\nerror: fake\.jsonl:1: malformed JSON line")
