@@ -23,7 +23,7 @@ from pact.core.errors import PactError
 from pact.core.text import one_line
 from pact.store.manifest import Store, repair_advice
 from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA, check_tokens_table
-from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA
+from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA, table_files
 from pact.store.targets import check_part_schema, post_schema, targets_schema
 
 ALLOWED_STATEMENTS = {"SELECT"}
@@ -95,8 +95,8 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
         "targets": _files_view(parts["targets"], targets_schema(num_safety)),
         "post_targets": _files_view(parts["post"], post_schema(num_safety)),
-        "metrics": _files_view(sorted(str(p) for p in (root / "metrics").glob("*.parquet")), METRICS_SCHEMA),
-        "evals": _files_view(sorted(str(p) for p in (root / "evals").glob("*.parquet")), EVALS_SCHEMA),
+        "metrics": _files_view([str(p) for p in table_files(root, "metrics")], METRICS_SCHEMA),
+        "evals": _files_view([str(p) for p in table_files(root, "evals")], EVALS_SCHEMA),
     }
     for name, query in views.items():
         con.execute(f"CREATE OR REPLACE VIEW {schema}.{name} AS {query}")

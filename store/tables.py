@@ -8,6 +8,7 @@ atomically; the DuckDB views `metrics` and `evals` read every file of each folde
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,3 +78,29 @@ def write_table(store: Store, kind: str, name: str, table: pa.Table) -> str:
     relative = f"{kind}/{name}.parquet"
     atomic_write_with(store.root / relative, lambda p: pq.write_table(table, p))
     return relative
+
+
+def check_table_file(path: Path, kind: str) -> None:
+    """PactError unless `path` is a Parquet file whose columns include `kind`'s schema (the
+    optional ones may be absent): one stray file would break every `pact sql` query."""
+    schema = SCHEMAS[kind]
+    try:
+        names = set(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise PactError(f"{path} is not a readable Parquet file ({reason}); {_STRAY_ADVICE}") from None
+    missing = [name for name in schema.names if name not in names and name not in OPTIONAL_COLUMNS]
+    if missing:
+        raise PactError(f"{path} is not a pact {kind} table (no column {missing[0]}); {_STRAY_ADVICE}")
+
+
+_STRAY_ADVICE = "move it out of the store (pact writes only its own tables there)"
+
+
+def table_files(root: Path, kind: str) -> list[Path]:
+    """The `<kind>/*.parquet` files of the store at `root`, sorted, each checked by
+    `check_table_file`."""
+    files = sorted((root / kind).glob("*.parquet"))
+    for path in files:
+        check_table_file(path, kind)
+    return files

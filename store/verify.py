@@ -37,6 +37,7 @@ from pact.store.safety import (
     check_tokens_table,
     load_safety_set,
 )
+from pact.store.tables import SCHEMAS, check_table_file
 from pact.store.targets import check_part_schema
 
 PART_NAME = re.compile(r"part-s\d+of\d+-[0-9a-f]{12}\.parquet")
@@ -180,6 +181,17 @@ def _check_entry(store: Store, entry: Any, num_safety: int | None, report: Repor
     return entry["kind"], keys
 
 
+def _stray_tables(store: Store, report: Report) -> None:
+    """Files under metrics/ and evals/ that are not pact's tables (they break every query)."""
+    for kind in SCHEMAS:
+        directory = store.root / kind
+        for path in sorted(directory.glob("*.parquet")) if directory.is_dir() else []:
+            try:
+                check_table_file(path, kind)
+            except PactError as exc:
+                report.add(f"{kind}/{path.name}", str(exc), repairable=False)
+
+
 def _unlisted(store: Store, registered: set[str], report: Report) -> None:
     """Orphans, temporaries, symlinks and foreign files under targets/ and post/, and
     symlinks anywhere in the store."""
@@ -256,6 +268,7 @@ def verify(store: Store) -> Report:
         report.keep.append(entry)
     report.parts, report.examples = len(report.keep), len(owner)
     _unlisted(store, seen_paths, report)
+    _stray_tables(store, report)
     if manifest.get("safety_tokens") is not None and not any(f.path == MANIFEST for f in report.findings):
         try:
             load_safety_set(store)

@@ -317,3 +317,36 @@ def test_verify_and_repair_of_a_missing_store(tmp_path):
     for command in ("verify", "repair"):
         assert_one_error_line(call_pact("store", command, tmp_path / "nope"), r"store .*nope does not exist$")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "content", "reason"),
+    [
+        ("metrics", b"PAR1 not parquet PAR1", r"is not a readable Parquet file \(.*\)"),
+        ("evals", "table", r"is not a pact evals table \(no column eval_id\)"),
+    ],
+)
+def test_a_stray_file_among_the_tables_is_named_with_advice_that_works(tmp_path, kind, content, reason):
+    """Attack rerun N40: a garbage `metrics/junk.parquet` broke every `pact sql` query with
+    DuckDB's footer error and no advice, and verify called the store clean."""
+    from store_fixtures import fill
+    from store_fixtures import make_safety as make_store_safety
+
+    store = Store(tmp_path / "s")
+    make_store_safety(store)
+    fill(store, count=2)
+    stray = store.root / kind / "junk.parquet"
+    stray.parent.mkdir(exist_ok=True)
+    if content == "table":
+        pq.write_table(pa.table({"x": [1]}), stray)
+    else:
+        stray.write_bytes(content)
+    advice = r"; move it out of the store \(pact writes only its own tables there\)$"
+    sql = call_pact("sql", store.root, "SELECT count(*) FROM targets")
+    assert_one_error_line(sql, re.escape(str(stray)) + " " + reason + advice)
+    checked = call_pact("store", "verify", store.root)
+    assert checked.returncode == 1 and f"problem: {kind}/junk.parquet: " in checked.stdout
+    assert checked.stdout.strip().splitlines()[-1].endswith("repair cannot fix it; do what the line above says")
+    stray.rename(tmp_path / "junk.parquet")
+    assert call_pact("sql", store.root, "SELECT count(*) FROM targets").returncode == 0
+    assert call_pact("store", "verify", store.root).returncode == 0
