@@ -295,6 +295,20 @@ def test_remote_model_code_is_not_run_by_default(tmp_path, tiny_model_dir):
     assert not marker.exists()
 
 
+def test_custom_code_beside_a_known_model_type_is_never_imported(tmp_path, tiny_model_dir):
+    """Attack rerun N17: `auto_map` to `evil.py` with `model_type` still `llama` loads
+    transformers' own Llama class (as Phi-3's configs, which carry an auto_map, load);
+    the custom module is never imported."""
+    marker = tmp_path / "PWNED"
+    directory = _with_remote_code(tiny_model_dir, tmp_path / "m", marker, config_file="config.json")
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = "llama"
+    (directory / "config.json").write_text(json.dumps(config))
+    model = load_model(directory, device="cpu")
+    assert type(model).__module__.startswith("transformers.models.llama")
+    assert not marker.exists()
+
+
 def test_remote_tokenizer_code_is_not_run_by_default(tmp_path, tiny_model_dir):
     marker = tmp_path / "PWNED"
     directory = _with_remote_code(tiny_model_dir, tmp_path / "t", marker, config_file="tokenizer_config.json")

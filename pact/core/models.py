@@ -81,7 +81,12 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise PactError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+        raise PactError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # malformed tokenizer files surface as KeyError, TypeError, tokenizers' Exception
+        raise PactError(
+            f"cannot load a tokenizer from {path}: its tokenizer files are malformed "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise PactError(f"tokenizer at {path} has neither a pad nor an eos token")

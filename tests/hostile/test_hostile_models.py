@@ -62,6 +62,21 @@ def test_a_fifo_tokenizer_is_refused(model):
     refused(model, r"tokenizer\.json is not a regular file")
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"version": "1.0", "model": {"type": "Nope"}}', "{not json", '{"model": 5}', ""],
+)
+def test_a_garbage_tokenizer_json_is_one_line(model, content):
+    """Attack rerun N15: a tokenizer.json of an unknown model type ended in transformers'
+    KeyError traceback."""
+    from pact.core.models import load_tokenizer
+
+    (model / "tokenizer.json").write_text(content)
+    with pytest.raises(PactError) as info:
+        load_tokenizer(model)
+    assert_one_line_message(str(info.value), r"^cannot load a tokenizer from .*: ")
+
+
 def test_precompute_with_weights_linked_to_dev_zero_is_one_line(model, tmp_path):
     store = Store(tmp_path / "s")
     make_safety(store, 263)
