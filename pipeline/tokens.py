@@ -557,6 +557,8 @@ def run_tokens(
             raise PactError(
                 f"aligned and base models have different vocabularies (vocab_size {aligned_size} vs {base_size})"
             )
+        if aligned_size is not None and options.top_k > aligned_size:  # before the models load
+            raise PactError(f"top_k {options.top_k} exceeds the vocabulary size {aligned_size}")
         partial = options.allow_partial_weights
         aligned = load_model(
             aligned_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_partial_weights=partial

@@ -573,6 +573,10 @@ def test_bad_inputs_write_nothing(world, tmp_path) -> None:
     _fails(args(base=tmp_path / "nope"), f"base model path {tmp_path / 'nope'} does not exist")
     _fails(args(extra=["--top-k", "1"]), "--top-k must be at least 2")
     _fails(args(extra=["--top-k", "1000"]), "top_k 1000 exceeds the vocabulary size 263")
+    unloadable = shutil.copytree(world["aligned"], tmp_path / "unloadable")
+    (unloadable / "model.safetensors").write_bytes(b"not safetensors")
+    # attack rerun N14l: config.json tells the vocabulary, so no model is loaded first
+    _fails(args(aligned=unloadable, extra=["--top-k", "1000"]), "top_k 1000 exceeds the vocabulary size 263")
     _fails(args(extra=["--max-resp-len", "0"]), "--max-resp-len must be an integer >= 1, got 0")
     _fails(args(extra=["--temperature", "0"]), "--temperature must be a finite number > 0, got 0.0")
     _fails(args(extra=["--show", "-1"]), "--show must be 0 or more")
