@@ -178,6 +178,14 @@ def _check_entry(store: Store, entry: Any, num_safety: int | None, report: Repor
             delete=path if ours else None,
         )
         return None
+    size = path.stat().st_size
+    if "bytes" in entry and (type(entry["bytes"]) is not int or entry["bytes"] != size):
+        report.add(
+            relative,
+            f"holds {size} bytes, the manifest says {str(entry['bytes'])[:40]} (changed after it was registered?)",
+            delete=path if ours else None,
+        )
+        return None
     return entry["kind"], keys
 
 

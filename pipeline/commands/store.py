@@ -25,8 +25,9 @@ def store_group() -> None:
 @click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False, path_type=str))
 def verify_command(store_dir: str) -> None:
     """Check every part the manifest lists (exists, regular file, schema, every page and
-    its checksum, row and example counts, steps, examples stored twice), the safety set,
-    and list unregistered parts, temporaries, symlinks and foreign files.
+    its checksum, row, example and byte counts, steps, examples stored twice), the safety set,
+    the files under metrics/ and evals/, and list unregistered parts, temporaries, symlinks
+    and foreign files.
 
     Prints one line per finding and a summary; exit code 0 when the store is sound
     (warnings allowed), 1 when it has problems, 2 when it cannot be read at all.

@@ -71,7 +71,7 @@ def test_a_safety_count_that_disagrees_with_the_set_is_a_corrupted_manifest(stor
     assert len(TargetReader(store).example_ids()) == 7
 
 
-@pytest.mark.parametrize("key", ["rows", "examples"])
+@pytest.mark.parametrize("key", ["rows", "examples", "bytes"])
 @pytest.mark.parametrize("value", [-5, 10**30, 2.5, "7", True, None, [1]])
 def test_part_counts_out_of_range_are_verify_findings(store, key, value):
     tamper(store, lambda m: m["parts"][0].update({key: value}))
