@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+# transformers' from_pretrained swaps class attributes for the length of a load
+# (`PreTrainedModel.tie_weights` and `init_weights` by no-ops) and its logging verbosity,
+# and restores them after: two loads in threads interleave the swaps and can leave them
+# swapped for the rest of the process (tied heads built untied, weights left
+# uninitialised). One load at a time per process.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -125,7 +134,7 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        with _quiet_transformers():
+        with _LOAD_LOCK, _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                 output_loading_info=True, ignore_mismatched_sizes=True,
