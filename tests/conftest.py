@@ -44,3 +44,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real data sets not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def single_process_hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One weight-hash cache for the session's temporary tree, and no torchrun variables
+    inherited from the environment (the test launches its own ranks)."""
+    monkeypatch.setenv("PACT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)

@@ -10,18 +10,10 @@ import json
 
 import pytest
 from hostile.harness import assert_one_error_line, call_pact, describe_changes, snapshot
-from store_fixtures import S, fill, make_safety
+from store_fixtures import S
 
 from pact.store import Store, TargetReader
 from pact.store.safety import load_safety_set
-
-
-@pytest.fixture
-def store(tmp_path) -> Store:
-    store = Store(tmp_path / "s")
-    make_safety(store)
-    fill(store)
-    return store
 
 
 def tamper(store: Store, change) -> None:

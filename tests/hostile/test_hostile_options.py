@@ -8,17 +8,6 @@ import os
 
 import pytest
 from hostile.harness import assert_one_error_line, call_pact, describe_changes, snapshot
-from store_fixtures import fill, make_safety
-
-from pact.store import Store
-
-
-@pytest.fixture
-def store(tmp_path) -> Store:
-    store = Store(tmp_path / "s")
-    make_safety(store)
-    fill(store)
-    return store
 
 
 @pytest.mark.parametrize(

@@ -48,14 +48,6 @@ def test_a_glob_in_a_manifest_path_is_not_expanded(tmp_path):
     )
 
 
-@pytest.fixture
-def store(tmp_path) -> Store:
-    store = Store(tmp_path / "s")
-    make_safety(store)
-    fill(store)
-    return store
-
-
 @pytest.mark.parametrize(
     ("out", "message"),
     [

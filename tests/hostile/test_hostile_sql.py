@@ -12,20 +12,10 @@ import time
 
 import pytest
 from hostile.harness import ROOT, assert_one_error_line, call_pact
-from store_fixtures import fill, make_safety
 
-from pact.store import Store
 from pact.store.sql import QueryTimeout, connect_readonly, run_interruptible
 
 ENDLESS = "SELECT count(*) FROM range(1000000000000) t(x) WHERE x % 7 = 3"
-
-
-@pytest.fixture
-def store(tmp_path) -> Store:
-    store = Store(tmp_path / "s")
-    make_safety(store)
-    fill(store)
-    return store
 
 
 def test_sigint_stops_a_long_query_with_one_line(store):

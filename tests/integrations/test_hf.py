@@ -40,11 +40,7 @@ TOLERANCE = 1e-5
 OPTIONS = dict(batch_size=2, grad_accum=2, max_steps=STEPS, lr=1e-2, save_every=0, device="cpu", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PACT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process_hash_cache")
 
 
 @pytest.fixture(scope="module")

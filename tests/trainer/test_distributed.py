@@ -52,7 +52,7 @@ from pact.trainer.batches import epoch_batches, rank_share
 from pact.trainer.config import TrainConfig
 from pact.trainer.train import TrainResult, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_process_hash_cache")]
 FP_TOLERANCE = 1e-5
 
 
@@ -114,13 +114,6 @@ def resumable_copy(run_dir: Path, target: Path, step: int) -> Path:
     for output in ("model", "adapter"):
         shutil.rmtree(target / output, ignore_errors=True)
     return target
-
-
-@pytest.fixture(autouse=True)
-def _hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PACT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture(scope="module")
