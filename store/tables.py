@@ -8,6 +8,7 @@ atomically; the DuckDB views `metrics` and `evals` read every file of each folde
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pact.core.atomic import atomic_write_with
 from pact.core.errors import PactError
+from pact.core.text import message_line
 from pact.store.manifest import Store
 
 METRICS_SCHEMA = pa.schema(
@@ -82,25 +84,31 @@ def write_table(store: Store, kind: str, name: str, table: pa.Table) -> str:
 
 def check_table_file(path: Path, kind: str) -> None:
     """PactError unless `path` is a Parquet file whose columns include `kind`'s schema (the
-    optional ones may be absent): one stray file would break every `pact sql` query."""
+    optional ones may be absent)."""
     schema = SCHEMAS[kind]
     try:
         names = set(pq.read_schema(path).names)
     except (pa.ArrowException, OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:160]
-        raise PactError(f"{path} is not a readable Parquet file ({reason}); {_STRAY_ADVICE}") from None
+        raise PactError(f"{path} is not a readable Parquet file ({reason}); {STRAY_ADVICE}") from None
     missing = [name for name in schema.names if name not in names and name not in OPTIONAL_COLUMNS]
     if missing:
-        raise PactError(f"{path} is not a pact {kind} table (no column {missing[0]}); {_STRAY_ADVICE}")
+        raise PactError(f"{path} is not a pact {kind} table (no column {missing[0]}); {STRAY_ADVICE}")
 
 
-_STRAY_ADVICE = "move it out of the store (pact writes only its own tables there)"
+STRAY_ADVICE = "move it out of the store (pact writes only its own tables there)"
 
 
 def table_files(root: Path, kind: str) -> list[Path]:
-    """The `<kind>/*.parquet` files of the store at `root`, sorted, each checked by
-    `check_table_file`."""
-    files = sorted((root / kind).glob("*.parquet"))
-    for path in files:
-        check_table_file(path, kind)
+    """The `<kind>/*.parquet` files of the store at `root` that `check_table_file` accepts,
+    sorted; each other file is left out with one `warning:` line on stderr (DuckDB would
+    fail every query of the store on it)."""
+    files = []
+    for path in sorted((root / kind).glob("*.parquet")):
+        try:
+            check_table_file(path, kind)
+        except PactError as exc:
+            print(f"warning: {message_line(str(exc))}; left out of the {kind} view", file=sys.stderr, flush=True)
+            continue
+        files.append(path)
     return files

@@ -197,7 +197,7 @@ def _stray_tables(store: Store, report: Report) -> None:
             try:
                 check_table_file(path, kind)
             except PactError as exc:
-                report.add(f"{kind}/{path.name}", str(exc), repairable=False)
+                report.add(f"{kind}/{path.name}", f"{exc} (`pact sql` leaves it out)", repairable=False)
 
 
 def _unlisted(store: Store, registered: set[str], report: Report) -> None:

@@ -326,9 +326,10 @@ def test_verify_and_repair_of_a_missing_store(tmp_path):
         ("evals", "table", r"is not a pact evals table \(no column eval_id\)"),
     ],
 )
-def test_a_stray_file_among_the_tables_is_named_with_advice_that_works(tmp_path, kind, content, reason):
+def test_a_stray_file_among_the_tables_is_left_out_with_advice_that_works(tmp_path, kind, content, reason):
     """Attack rerun N40: a garbage `metrics/junk.parquet` broke every `pact sql` query with
-    DuckDB's footer error and no advice, and verify called the store clean."""
+    DuckDB's footer error and no advice, and verify called the store clean. Now queries
+    answer, with one warning naming the file, and verify reports it."""
     from store_fixtures import fill
     from store_fixtures import make_safety as make_store_safety
 
@@ -341,12 +342,14 @@ def test_a_stray_file_among_the_tables_is_named_with_advice_that_works(tmp_path,
         pq.write_table(pa.table({"x": [1]}), stray)
     else:
         stray.write_bytes(content)
-    advice = r"; move it out of the store \(pact writes only its own tables there\)$"
-    sql = call_pact("sql", store.root, "SELECT count(*) FROM targets")
-    assert_one_error_line(sql, re.escape(str(stray)) + " " + reason + advice)
+    advice = rf"; move it out of the store \(pact writes only its own tables there\); left out of the {kind} view$"
+    for table in ("targets", kind):
+        sql = call_pact("sql", store.root, f"SELECT count(*) AS n FROM {table}", "--format", "csv")
+        assert (sql.returncode, sql.stdout) == (0, f"n\n{5 if table == 'targets' else 0}\n"), sql.stderr
+        assert re.fullmatch("warning: " + re.escape(str(stray)) + " " + reason + advice, sql.stderr.strip())
     checked = call_pact("store", "verify", store.root)
     assert checked.returncode == 1 and f"problem: {kind}/junk.parquet: " in checked.stdout
     assert checked.stdout.strip().splitlines()[-1].endswith("repair cannot fix it; do what the line above says")
     stray.rename(tmp_path / "junk.parquet")
-    assert call_pact("sql", store.root, "SELECT count(*) FROM targets").returncode == 0
+    assert call_pact("sql", store.root, "SELECT count(*) FROM targets").stderr == ""
     assert call_pact("store", "verify", store.root).returncode == 0
