@@ -65,3 +65,27 @@ def test_keyboard_interrupt_stops_the_worker_and_frees_the_connection(store):
     finally:
         timer.cancel()
     con.close()
+
+
+def test_a_query_that_starts_after_the_stop_is_still_stopped(store):
+    """Attack rerun I15-F1a (a loaded machine): Ctrl-C landed before DuckDB had started the
+    query, the one interrupt was lost, and `pact sql` ran on. Now the stop interrupts again
+    every 0.1 s while the query's thread runs."""
+    import time
+
+    con = connect_readonly(store)
+
+    def late_query() -> list:
+        time.sleep(0.3)  # the stop (timeout 0.05 s) comes before the query starts
+        return con.execute(ENDLESS).fetchall()
+
+    with pytest.raises(QueryTimeout):
+        run_interruptible(con, late_query, timeout=0.05)
+    workers = [t for t in threading.enumerate() if t.name == "pact-sql"]
+    for worker in workers:
+        worker.join(1.0)  # it has set its done event; let it return
+    still_running = [t for t in workers if t.is_alive()]
+    if still_running:
+        con.interrupt()  # do not leave it spinning in the test process
+    assert not still_running
+    con.close()
