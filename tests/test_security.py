@@ -295,7 +295,7 @@ def test_remote_model_code_is_not_run_by_default(tmp_path, tiny_model_dir):
     assert not marker.exists()
 
 
-def test_custom_code_beside_a_known_model_type_is_never_imported(tmp_path, tiny_model_dir):
+def test_custom_code_beside_a_known_model_type_is_never_imported(tmp_path, tiny_model_dir, capsys):
     """Attack rerun N17: `auto_map` to `evil.py` with `model_type` still `llama` loads
     transformers' own Llama class (as Phi-3's configs, which carry an auto_map, load);
     the custom module is never imported."""
@@ -307,6 +307,10 @@ def test_custom_code_beside_a_known_model_type_is_never_imported(tmp_path, tiny_
     model = load_model(directory, device="cpu")
     assert type(model).__module__.startswith("transformers.models.llama")
     assert not marker.exists()
+    assert capsys.readouterr().err.strip().endswith(
+        "names custom model code (auto_map); it was not run: transformers' own LlamaForCausalLM was loaded "
+        "(--trust-remote-code runs it)"
+    )
 
 
 def test_remote_tokenizer_code_is_not_run_by_default(tmp_path, tiny_model_dir):
