@@ -273,11 +273,13 @@ def head_stats(
         k = min(top_k, head.vocab_size)
         out["top_k_logprobs"] = torch.empty(count, k, dtype=torch.float32, device=device)
         out["top_k_ids"] = torch.empty(count, k, dtype=torch.long, device=device)
+    buffer = torch.empty(min(chunk, count), head.vocab_size, dtype=torch.float32, device=device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logits = head.logits(hidden[rows])
-        out["lse"][rows] = torch.logsumexp(logits, dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = head.logits_into(hidden[rows], buffer[: rows.stop - start])
+        lse = torch.logsumexp(logits, dim=-1)
+        out["lse"][rows] = lse
+        logprobs = logits.sub_(lse[:, None])  # the log-softmax, in the chunk's buffer
         del logits
         if safety_ids is not None:
             out["safety_logprobs"][rows] = logprobs.index_select(1, safety_ids)
@@ -288,7 +290,8 @@ def head_stats(
             out["top_k_logprobs"][rows], out["top_k_ids"][rows] = values, ids
         if entropy:
             out["entropy"][rows] = -logprobs.exp().mul_(logprobs).sum(dim=-1)
-        del logprobs  # free this chunk before the next one is computed
+        del logprobs
+    del buffer
     return out
 
 
