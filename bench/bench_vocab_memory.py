@@ -210,6 +210,7 @@ def timing_child(spec: dict[str, Any]) -> dict[str, Any]:
             examples = batches[round_index % len(batches)]
             for name in names if round_index % 2 == 0 else reversed(names):
                 took, loss = steps.step(name, examples)
+                print(f"  {spec['finetune']} round {round_index} {name}: {took:.2f} s, loss {loss:.6f}", file=sys.stderr, flush=True)
                 if round_index > 0:
                     seconds[name].append(took)
                     losses[name].append(loss)

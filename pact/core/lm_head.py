@@ -35,10 +35,12 @@ from torch import Tensor
 
 from pact.core.errors import PactError
 
-# Logits (elements) of one row chunk. 2**25 float32 logits are 128 MiB; a chunk's few
-# temporaries stay well under 1 GiB: room to spare next to an 8B model in bf16 with
-# LoRA on a 24 GB GPU (220 rows of a 151,936-token vocabulary per chunk).
-DEFAULT_HEAD_CHUNK_LOGITS = 1 << 25
+# Logits (elements) of one row chunk. 2**26 float32 logits are 256 MiB (441 rows of a
+# 151,936-token vocabulary): the training head's one reused buffer, the no-grad
+# statistics' two or three temporaries stay under 1 GiB: room to spare next to an 8B
+# model in bf16 with LoRA on a 24 GB GPU. Chunks of half that take ~1.2x the time on a
+# CPU (the [V, H] weight is read once more per chunk; docs/benchmarks.md).
+DEFAULT_HEAD_CHUNK_LOGITS = 1 << 26
 
 
 # ----------------------------------------------------------------------------- resolving the head
@@ -105,8 +107,10 @@ class LogitTransform:
         if self.scale != 1.0:
             logits = logits.mul_(self.scale) if _inplace(logits) else logits * self.scale
         if self.cap is not None:
-            logits = logits / self.cap
-            logits = logits.tanh_().mul_(self.cap) if _inplace(logits) else torch.tanh(logits) * self.cap
+            if _inplace(logits):
+                logits = logits.div_(self.cap).tanh_().mul_(self.cap)
+            else:
+                logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
     def derivative(self, transformed: Tensor) -> Tensor | float:
@@ -164,6 +168,18 @@ class LMHead:
         """Float32 transformed logits [n, V] of hidden states [n, H]."""
         raw = F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
         return self.transform(raw.float())
+
+    def logits_into(self, hidden: Tensor, out: Tensor) -> Tensor:
+        """`logits(hidden)` written into `out` (float32 [n, V], no grad): a float32 head's
+        matmul writes there directly, so a chunk loop reuses one buffer."""
+        if self.weight.dtype != torch.float32:
+            return self.transform(out.copy_(F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)))
+        hidden = hidden.float()
+        if self.bias is None:
+            torch.mm(hidden, self.weight.T, out=out)
+        else:
+            torch.addmm(self.bias.float(), hidden, self.weight.T, out=out)
+        return self.transform(out)
 
 
 @contextlib.contextmanager
@@ -257,11 +273,13 @@ def head_stats(
         k = min(top_k, head.vocab_size)
         out["top_k_logprobs"] = torch.empty(count, k, dtype=torch.float32, device=device)
         out["top_k_ids"] = torch.empty(count, k, dtype=torch.long, device=device)
+    buffer = torch.empty(min(chunk, count), head.vocab_size, dtype=torch.float32, device=device)
     for start in range(0, count, chunk):
         rows = slice(start, min(start + chunk, count))
-        logits = head.logits(hidden[rows])
-        out["lse"][rows] = torch.logsumexp(logits, dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = head.logits_into(hidden[rows], buffer[: rows.stop - start])
+        lse = torch.logsumexp(logits, dim=-1)
+        out["lse"][rows] = lse
+        logprobs = logits.sub_(lse[:, None])  # the log-softmax, in the chunk's buffer
         del logits
         if safety_ids is not None:
             out["safety_logprobs"][rows] = logprobs.index_select(1, safety_ids)
@@ -272,7 +290,8 @@ def head_stats(
             out["top_k_logprobs"][rows], out["top_k_ids"][rows] = values, ids
         if entropy:
             out["entropy"][rows] = -logprobs.exp().mul_(logprobs).sum(dim=-1)
-        del logprobs  # free this chunk before the next one is computed
+        del logprobs
+    del buffer
     return out
 
 
@@ -386,16 +405,17 @@ class _FusedHeadLoss(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float32, device=device)
         token_total = torch.zeros((), dtype=torch.float32, device=device)
         chunk = head.rows_per_chunk(budget)
+        buffer = torch.empty(min(chunk, count), weight.shape[0], dtype=torch.float32, device=device)
         for start in range(0, count, chunk):
             rows = slice(start, min(start + chunk, count))
-            h = hidden[rows]
-            logits = head.logits(h)
+            logits = head.logits_into(hidden[rows], buffer[: rows.stop - start])
             index = targets[rows].view(-1, 1)
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, index).view(-1)
-            token_logprob[rows] = picked - lse
             if subset is not None:
                 subset[rows] = logits.index_select(1, subset_ids)
+            derivative = head.transform.derivative(logits) if head.transform.cap is not None else None
+            probs, sums, lse = _exp_in_place(logits)
+            token_logprob[rows] = picked - lse
             # d loss / d (token log-prob) per row; CE is -(token log-prob) weighed.
             coefficient = torch.zeros(picked.shape, dtype=torch.float32, device=device)
             if ce_weights is not None:
@@ -408,12 +428,12 @@ class _FusedHeadLoss(torch.autograd.Function):
                 token_total = token_total + value
                 coefficient = coefficient + grad
             # d/dz of sum_r a_r (z_r[y_r] - lse_r) = a_r (onehot(y_r) - softmax(z_r)).
-            derivative = head.transform.derivative(logits) if head.transform.cap is not None else None
-            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-coefficient[:, None])
+            grad_logits = probs.mul_((-coefficient / sums)[:, None])
             grad_logits.scatter_add_(1, index, coefficient[:, None])
             grad_logits = _chain(grad_logits, head.transform, derivative)
             _accumulate(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, slice(None))
-            del logits, grad_logits, derivative
+            del logits, probs, grad_logits, derivative
+        del buffer
         subset_total = torch.zeros((), dtype=torch.float32, device=device)
         if subset is not None:
             subset_total, (grad_subset,) = _local_grad(spec.subset_loss, subset)
@@ -435,6 +455,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         for saved, dtype, present in zip(ctx.saved_tensors, ctx.dtypes, ctx.present, strict=True):
             grads.append(saved.mul(grad_loss.float()).to(dtype) if present else None)
         return grads[0], grads[1], grads[2], None, None, None, None
+
+
+def _exp_in_place(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(logits - rowmax) in place of `logits` [n, V], the row sums of those [n] and the
+    row log-sum-exp [n] (`torch.logsumexp`'s formula, without its [n, V] temporary)."""
+    maxes = logits.amax(dim=1, keepdim=True)
+    maxes.masked_fill_(maxes.isinf(), 0.0)
+    probs = logits.sub_(maxes).exp_()
+    sums = probs.sum(dim=1)
+    return probs, sums, sums.log().add_(maxes.view(-1))
 
 
 def _chain(grad: Tensor, transform: LogitTransform, derivative: Tensor | None) -> Tensor:
@@ -459,14 +489,21 @@ def _accumulate(
     compute = weight.dtype
     g = grad_logits.to(compute)
     w = weight if isinstance(columns, slice) else weight.index_select(0, columns)
+    in_place = compute == torch.float32 and hidden.dtype == torch.float32
     if grad_hidden is not None:
-        grad_hidden[rows] += (g @ w).float()
-    if grad_weight is not None:
-        update = (g.T @ hidden[rows].to(compute)).float()
-        if isinstance(columns, slice):
-            grad_weight += update
+        if in_place:
+            grad_hidden[rows].addmm_(g, w)
         else:
-            grad_weight.index_add_(0, columns, update)
+            grad_hidden[rows] += (g @ w).float()
+    if grad_weight is not None:
+        if in_place and isinstance(columns, slice):
+            grad_weight.addmm_(g.T, hidden[rows])
+        else:
+            update = (g.T @ hidden[rows].to(compute)).float()
+            if isinstance(columns, slice):
+                grad_weight += update
+            else:
+                grad_weight.index_add_(0, columns, update)
     if grad_bias is not None:
         update = grad_logits.sum(dim=0)
         if isinstance(columns, slice):

@@ -322,3 +322,18 @@ def test_bf16_weights_accumulate_in_float32() -> None:
     assert result.loss.dtype == torch.float32
     assert float(result.loss.detach()) == pytest.approx(float(exact), rel=2e-2)
     assert rows.grad.dtype == low.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, 5.0)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_into_writes_the_head_logits_into_the_buffer(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
+    head, hidden = random_head(bias=bias, transform=transform)
+    head = LMHead(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype), transform)
+    rows = hidden.detach().to(dtype)
+    buffer = torch.full((20, VOCAB), float("nan"))
+    out = head.logits_into(rows, buffer[:11])
+    assert out.data_ptr() == buffer.data_ptr()  # no new [rows, V] block
+    assert out.dtype == torch.float32
+    assert_rel(out, head.logits(rows), rel=1e-6 if dtype == torch.float32 else 1e-2)
+    assert buffer[11:].isnan().all()
