@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from typing import Any
 import duckdb
 
 from pact.core.errors import PactError
-from pact.core.text import one_line
+from pact.core.text import message_line, one_line
 from pact.store.manifest import Store, repair_advice
 from pact.store.safety import TOKENS_FILE, TOKENS_SCHEMA, check_tokens_table
 from pact.store.tables import EVALS_SCHEMA, METRICS_SCHEMA, table_files
@@ -91,12 +92,18 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store, schema: str = "ma
             )
         check_part_schema(path, entry["kind"], (manifest.get("safety_tokens") or {}).get("count"), store.root)
         parts[entry["kind"]].append(str(path))
+    tables = {}
+    for kind in ("metrics", "evals"):
+        files, problems = table_files(root, kind)
+        for _, problem in problems:
+            print(f"warning: {message_line(problem)}; left out of the {kind} view", file=sys.stderr, flush=True)
+        tables[kind] = [str(p) for p in files]
     views = {
         "safety_tokens": _files_view([str(tokens)] if tokens.is_file() else [], TOKENS_SCHEMA),
         "targets": _files_view(parts["targets"], targets_schema(num_safety)),
         "post_targets": _files_view(parts["post"], post_schema(num_safety)),
-        "metrics": _files_view([str(p) for p in table_files(root, "metrics")], METRICS_SCHEMA),
-        "evals": _files_view([str(p) for p in table_files(root, "evals")], EVALS_SCHEMA),
+        "metrics": _files_view(tables["metrics"], METRICS_SCHEMA),
+        "evals": _files_view(tables["evals"], EVALS_SCHEMA),
     }
     for name, query in views.items():
         con.execute(f"CREATE OR REPLACE VIEW {schema}.{name} AS {query}")

@@ -8,7 +8,6 @@ atomically; the DuckDB views `metrics` and `evals` read every file of each folde
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +15,6 @@ import pyarrow.parquet as pq
 
 from pact.core.atomic import atomic_write_with
 from pact.core.errors import PactError
-from pact.core.text import message_line
 from pact.store.manifest import Store
 
 METRICS_SCHEMA = pa.schema(
@@ -99,16 +97,15 @@ def check_table_file(path: Path, kind: str) -> None:
 STRAY_ADVICE = "move it out of the store (pact writes only its own tables there)"
 
 
-def table_files(root: Path, kind: str) -> list[Path]:
+def table_files(root: Path, kind: str) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The `<kind>/*.parquet` files of the store at `root` that `check_table_file` accepts,
-    sorted; each other file is left out with one `warning:` line on stderr (DuckDB would
-    fail every query of the store on it)."""
-    files = []
-    for path in sorted((root / kind).glob("*.parquet")):
+    sorted, and (path, message) for each other file (DuckDB would fail every query on it)."""
+    files, problems = [], []
+    for path in sorted((root / kind).glob("*.parquet")) if (root / kind).is_dir() else []:
         try:
             check_table_file(path, kind)
         except PactError as exc:
-            print(f"warning: {message_line(str(exc))}; left out of the {kind} view", file=sys.stderr, flush=True)
+            problems.append((path, str(exc)))
             continue
         files.append(path)
-    return files
+    return files, problems

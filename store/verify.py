@@ -37,7 +37,7 @@ from pact.store.safety import (
     check_tokens_table,
     load_safety_set,
 )
-from pact.store.tables import SCHEMAS, check_table_file
+from pact.store.tables import SCHEMAS, table_files
 from pact.store.targets import check_part_schema
 
 PART_NAME = re.compile(r"part-s\d+of\d+-[0-9a-f]{12}\.parquet")
@@ -192,12 +192,8 @@ def _check_entry(store: Store, entry: Any, num_safety: int | None, report: Repor
 def _stray_tables(store: Store, report: Report) -> None:
     """Files under metrics/ and evals/ that are not pact's tables (they break every query)."""
     for kind in SCHEMAS:
-        directory = store.root / kind
-        for path in sorted(directory.glob("*.parquet")) if directory.is_dir() else []:
-            try:
-                check_table_file(path, kind)
-            except PactError as exc:
-                report.add(f"{kind}/{path.name}", f"{exc} (`pact sql` leaves it out)", repairable=False)
+        for path, problem in table_files(store.root, kind)[1]:
+            report.add(f"{kind}/{path.name}", f"{problem} (`pact sql` leaves it out)", repairable=False)
 
 
 def _unlisted(store: Store, registered: set[str], report: Report) -> None:

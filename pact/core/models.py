@@ -146,7 +146,7 @@ def load_model(
         raise PactError(f"{mismatch}; {PARTIAL_WEIGHTS_FLAG} loads it anyway")
     if mismatch is not None:
         print(f"warning: {mismatch}; loaded anyway ({PARTIAL_WEIGHTS_FLAG})", file=sys.stderr, flush=True)
-    if not trust_remote_code and _read_config(path).get("auto_map"):
+    if not trust_remote_code and getattr(model.config, "auto_map", None):  # kept from config.json
         print(
             f"warning: {path}/config.json names custom model code (auto_map); it was not run: transformers' "
             f"own {type(model).__name__} was loaded (--trust-remote-code runs it)",
