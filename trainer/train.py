@@ -116,7 +116,16 @@ def train(config: TrainConfig) -> TrainResult:
     initialised here (gloo on CPU, nccl on CUDA) unless the caller did, the model is
     wrapped in DDP (or sharded with FSDP), and rank 0 writes; see docs/distributed.md.
     """
-    with distributed.process_group(config.device) as ranks, contextlib.ExitStack() as held:
+    with distributed.process_group(config.device) as ranks:
+        # The recipe runs in a frame of its own: the DDP / FSDP model, which holds the
+        # process group, is freed when it returns, before the group is destroyed
+        # (docs/distributed.md, "Shutdown").
+        return _recipe(config, ranks)
+
+
+def _recipe(config: TrainConfig, ranks: Ranks) -> TrainResult:
+    """The phases of the module docstring, in order, inside the process group."""
+    with contextlib.ExitStack() as held:
         device = models.resolve_device(distributed.rank_device(config.device, ranks))
         resume_from = _setup(config, ranks, held)
         with deterministic(config.seed, device):

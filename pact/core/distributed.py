@@ -21,8 +21,10 @@ identity) in a single process, so the trainer has one code path:
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -176,8 +178,26 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
         raise PactError(f"cannot initialise the {backend} process group (rank {ranks.rank} of {ranks.world_size}): {reason}") from None
     try:
         yield current_ranks()
+    except BaseException as exc:
+        # The failed block's frames still hold its objects, a DDP model among them;
+        # clearing their locals lets them go before the group does (see `_release`).
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
-        dist.destroy_process_group()
+        _release()
+
+
+def _release() -> None:
+    """Destroy the default group so that gloo's worker threads end with it.
+
+    Whatever still holds the group (a DDP model's reducer, FSDP's device mesh) must
+    be freed first, so cyclic garbage is collected here. Freed after the group, it
+    would drop the last reference itself, joining gloo's threads while holding the
+    GIL, and a thread still releasing the tensors of the last collective waits for
+    that GIL: both wait forever (seen with DDP under load, docs/distributed.md).
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -608,14 +608,29 @@ echo 127.0.0.1
 
 PACT_REPORTING_THREADS = """
 import os, sys
+import torch.distributed as dist
 from pact.pipeline.cli import main
 
+
+def report(when):  # gloo's worker threads still running (docs/distributed.md, "Shutdown")
+    left = sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir("/proc/self/task"))
+    with open(os.environ["GLOO_THREADS_REPORT"], "a") as out:
+        out.write(f"{sys.argv[1]} rank {os.environ['RANK']} {when}: {left}\\n")
+
+
+destroy = dist.destroy_process_group
+
+
+def destroy_and_report(*args, **kwargs):
+    destroy(*args, **kwargs)
+    report("after destroy_process_group")
+
+
+dist.destroy_process_group = destroy_and_report
 try:
     main()
-finally:  # gloo's worker threads still running once the command is done (docs/distributed.md)
-    left = sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir("/proc/self/task"))
-    with open(os.environ["GLOO_THREADS_REPORT"], "a") as report:
-        report.write(f"{sys.argv[1]} rank {os.environ['RANK']}: {left}\\n")
+finally:
+    report("at exit")
 """
 
 
@@ -677,4 +692,66 @@ def test_slurm_example_precomputes_and_trains_on_two_nodes(world: World, tmp_pat
     assert_same_curves(metrics_of(tmp_path / "run"), one.metrics)
     assert_close_weights(weights_of(tmp_path / "run"), weights_of(one.run_dir), atol=FP_TOLERANCE)
     reports = sorted((tmp_path / "gloo-threads.txt").read_text().splitlines())
-    assert reports == [f"{command} rank {rank}: 0" for command in ("precompute", "train") for rank in (0, 1)]
+    assert reports == sorted(
+        f"{command} rank {rank} {when}: 0"
+        for command in ("precompute", "train") for rank in (0, 1) for when in ("after destroy_process_group", "at exit")
+    )  # fmt: skip
+
+
+FAILING_WITH_A_DDP_MODEL = """
+import os
+import sys
+import torch
+import torch.distributed as dist
+from pact.core import distributed
+from pact.core.errors import PactError
+
+
+def gloo_threads():
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir("/proc/self/task"))
+
+
+destroy = dist.destroy_process_group
+
+
+def report(line):
+    with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "a") as out:
+        out.write(line + "\\n")
+
+
+def destroy_and_count():
+    destroy()
+    report(f"{gloo_threads()} gloo threads after destroy_process_group")
+
+
+dist.destroy_process_group = destroy_and_count
+
+
+def fail_while_holding_a_ddp_model():
+    model = distributed.wrap_model(torch.nn.Linear(4, 4), distributed.current_ranks(), "cpu", fsdp=False)
+    model(torch.ones(2, 4)).sum().backward()
+    distributed.all_gather_objects("the last collective")
+    raise PactError("stopped while the DDP model was alive")
+
+
+try:
+    with distributed.process_group("cpu"):
+        fail_while_holding_a_ddp_model()
+except PactError as exc:
+    report(str(exc))
+"""
+
+
+def test_a_failed_block_frees_its_ddp_model_before_the_group_is_destroyed(tmp_path: Path) -> None:
+    """The frames of a block that raised hold its DDP model, whose reducer holds the
+    group: were it freed after destroy_process_group, it would join gloo's threads
+    while holding the GIL, which a thread still releasing the last collective's tensors
+    waits for (a deadlock seen under load). So the group goes with destroy_process_group."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_WITH_A_DDP_MODEL)
+    launch = torchrun(tmp_path, str(script), str(tmp_path))
+    assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-4000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == [
+            "0 gloo threads after destroy_process_group", "stopped while the DDP model was alive",
+        ]  # fmt: skip
