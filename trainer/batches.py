@@ -24,22 +24,21 @@ from pact.store.targets import ExampleTargets, TargetReader
 class ReferenceTargets:
     """The reference's statistics for one batch, cached or computed online.
 
-    token_logprobs: float32 [B, T] log-prob of each teacher-forced response token;
-    full, post: float32 [B, T, S] full-vocabulary log-probs of the safety ids in the
-    full and the post-only context (None where only token log-probs are needed).
-    Padded steps hold zeros.
+    token_logprobs: float32 [B, T] log-prob of each teacher-forced response token (None
+    where only the safety ids are needed: the online reference of --method pact);
+    full, post: float32 [B, T, S] scores of the safety ids in the full and the
+    post-only context (None where only token log-probs are needed): the cache holds
+    their full-vocabulary log-probs, the online reference their logits, which differ
+    from those by one constant per step, to which the PACT loss is invariant (it takes
+    softmaxes over S only). Padded steps hold zeros.
     """
 
-    token_logprobs: Tensor
+    token_logprobs: Tensor | None = None
     full: Tensor | None = None
     post: Tensor | None = None
 
     def to(self, device: torch.device | str) -> ReferenceTargets:
-        return ReferenceTargets(
-            self.token_logprobs.to(device),
-            None if self.full is None else self.full.to(device),
-            None if self.post is None else self.post.to(device),
-        )
+        return ReferenceTargets(*(None if t is None else t.to(device) for t in (self.token_logprobs, self.full, self.post)))
 
 
 @dataclass

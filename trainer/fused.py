@@ -143,7 +143,7 @@ def _constrained_sft(
     budget: int,
 ) -> StepLoss:
     """Constrained SFT on the rows of the valid steps (there, `steps` is the identity)."""
-    if batch.reference is None:
+    if batch.reference is None or batch.reference.token_logprobs is None:
         raise PactError("--method constrained-sft needs the batch's reference token log-probs")
     valid_count = int(valid.sum())
     if valid_count == 0:

@@ -124,7 +124,7 @@ def online_reference(
     return OnlineReference(
         reference,
         assistant_header_ids(tokenizer),
-        safety_ids,
+        safety_ids if config.method == "pact" else None,
         tokenizer.pad_token_id,
         adapters_disabled=lora,
         autocast=autocast,

@@ -1,9 +1,14 @@
 """`--reference online`: the reference targets of a batch computed on the fly.
 
-The same numbers `pact precompute` caches: full-vocabulary log-probs of the safety
-ids in the full context (f) and in the post-only context (o: assistant header +
-response[:-1], step t at position len(header) - 1 + t), and the teacher-forced
-log-prob of each response token. Computed under no_grad with the reference in
+What `pact precompute` caches, as each method needs it. `--method pact`: the
+scores of the safety ids in the full context (f) and in the post-only context (o:
+assistant header + response[:-1], step t at position len(header) - 1 + t), as their
+logits: the cache holds full-vocabulary log-probs, which differ from the logits by
+one constant per step, and the loss takes softmaxes over the safety ids only
+(DESIGN, "Softmax over S is invariant to a per-step shift"), so the reference's head
+runs over those |S| rows of its weight instead of the whole vocabulary. `--method
+constrained-sft`: the teacher-forced log-prob of each response token (the full
+vocabulary's log-sum-exp, chunked). Computed under no_grad with the reference in
 eval mode: a frozen second copy for full fine-tuning, or the model being trained
 with its LoRA adapters disabled.
 """
@@ -28,10 +33,11 @@ class OnlineReference:
 
     model: the frozen reference, or a peft model whose adapters are disabled for the
     pass (`adapters_disabled=True`). header_ids: the assistant header tokens.
-    safety_ids: int64 [S] on the model's device, or None when only the token
-    log-probs are needed (constrained SFT). autocast: a context factory for the
+    safety_ids: int64 [S] on the model's device (--method pact: f and o), or None
+    (constrained SFT: the token log-probs). autocast: a context factory for the
     forward passes (bf16 autocast on CUDA, a no-op on CPU). head_chunk_logits: logits
-    per chunk of the LM head, which runs on the response steps only.
+    per chunk of the full-vocabulary head (token log-probs), which runs on the
+    response steps only.
     """
 
     def __init__(
@@ -65,48 +71,34 @@ class OnlineReference:
         finally:
             self.model.train(was_training)
 
-    def _stats(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        first_step: Tensor,
-        steps: int,
-        target_ids: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """`head_stats` at positions first_step + t: `safety_logprobs` [B, T, S] (with
-        safety ids) and, with target_ids [B, T], `token_logprob` [B, T]; float32."""
-        with self.autocast():
-            hidden = decoder_hidden(self.model, input_ids, attention_mask)
-            rows = gather_steps(hidden, first_step, steps, offset=0)  # [B, T, H]
-            del hidden
-            stats = head_stats(
-                LMHead.of(self.model),
-                rows.reshape(-1, rows.shape[-1]),
-                budget=self.head_chunk_logits,
-                safety_ids=self.safety_ids,
-                target_ids=None if target_ids is None else target_ids.reshape(-1),
-            )
-        shape = rows.shape[:2]
-        return {key: value.view(*shape, *value.shape[1:]) for key, value in stats.items()}
+    def _step_rows(self, input_ids: Tensor, attention_mask: Tensor, first_step: Tensor, steps: int) -> Tensor:
+        """Final hidden states [B, T, H] at positions first_step + t."""
+        hidden = decoder_hidden(self.model, input_ids, attention_mask)
+        return gather_steps(hidden, first_step, steps, offset=0)
 
     @torch.no_grad()
     def targets(self, batch: Batch) -> ReferenceTargets:
-        """Token log-probs [B, T] and, with safety ids, f and o [B, T, S] for `batch` (on the device)."""
+        """For `batch` (on the device): with safety ids, f and o [B, T, S] (logits);
+        without, the token log-probs [B, T]. Zero on padded steps."""
         steps = batch.num_steps
         valid = batch.step_mask > 0
-        with self._reference_mode():
-            tokens = gather_steps(batch.input_ids[..., None], batch.response_start, steps, offset=0)[..., 0]
-            full = self._stats(
-                batch.input_ids, batch.attention_mask, batch.response_start - 1, steps, tokens
-            )
-            targets = ReferenceTargets(_masked(full["token_logprob"], valid))
+        first_step = batch.response_start - 1
+        with self._reference_mode(), self.autocast():
+            rows = self._step_rows(batch.input_ids, batch.attention_mask, first_step, steps)
+            head = LMHead.of(self.model)
             if self.safety_ids is not None:
-                targets.full = _masked(full["safety_logprobs"], valid)
-                targets.post = _masked(self._post_logprobs(batch), valid)
-        return targets
+                full = head.subset_logits(rows, self.safety_ids)
+                post = head.subset_logits(self._post_rows(batch), self.safety_ids)
+                return ReferenceTargets(full=_masked(full, valid), post=_masked(post, valid))
+            tokens = gather_steps(batch.input_ids[..., None], batch.response_start, steps, offset=0)[..., 0]
+            stats = head_stats(
+                head, rows.reshape(-1, rows.shape[-1]), budget=self.head_chunk_logits, target_ids=tokens.reshape(-1)
+            )
+        return ReferenceTargets(_masked(stats["token_logprob"].view(rows.shape[:2]), valid))
 
-    def _post_logprobs(self, batch: Batch) -> Tensor:
-        """Safety-id log-probs [B, T, S] in the post-only context: header + response[:-1]."""
+    def _post_rows(self, batch: Batch) -> Tensor:
+        """Final hidden states [B, T, H] of the post-only context (header + response[:-1])
+        at its steps."""
         rows = [
             post_only_ids(self.header_ids, ids[start : start + length])[0]
             for ids, start, length in zip(
@@ -121,7 +113,7 @@ class OnlineReference:
         post_ids = pad_rows(rows, width, self.pad_id, torch.int64).to(device)
         post_mask = pad_rows([np.ones(len(r)) for r in rows], width, 0, torch.int64).to(device)
         first = torch.full((len(rows),), len(self.header_ids) - 1, dtype=torch.int64, device=device)
-        return self._stats(post_ids, post_mask, first, batch.num_steps)["safety_logprobs"]
+        return self._step_rows(post_ids, post_mask, first, batch.num_steps)
 
 
 def _masked(values: Tensor, valid: Tensor) -> Tensor:

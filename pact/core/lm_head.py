@@ -169,6 +169,13 @@ class LMHead:
         raw = F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
         return self.transform(raw.float())
 
+    def subset_logits(self, hidden: Tensor, ids: Tensor) -> Tensor:
+        """Float32 transformed logits [n, len(ids)] of hidden states [n, H] for the
+        vocabulary ids `ids` (int64) only: the head's matmul over those rows of the weight."""
+        bias = None if self.bias is None else self.bias.index_select(0, ids)
+        raw = F.linear(hidden.to(self.weight.dtype), self.weight.index_select(0, ids), bias)
+        return self.transform(raw.float())
+
     def logits_into(self, hidden: Tensor, out: Tensor) -> Tensor:
         """`logits(hidden)` written into `out` (float32 [n, V], no grad): a float32 head's
         matmul writes there directly, so a chunk loop reuses one buffer."""

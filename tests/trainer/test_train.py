@@ -27,6 +27,7 @@ from pact.core import models
 from pact.core.data import load_examples
 from pact.core.encoding import EncodingOptions, assistant_header_ids, encode_example
 from pact.core.errors import PactError
+from pact.core.lm_head import LMHead
 from pact.store.manifest import Store
 from pact.store.sql import query
 from pact.store.targets import TargetReader
@@ -224,10 +225,22 @@ def test_cached_and_online_gradients_agree(world: World, tmp_path: Path, finetun
     cached_targets = batch.reference
     online_targets = reference.targets(batch)
     assert model.training  # the reference pass restores train mode
-    for field in ("full", "post", "token_logprobs"):
+    for field in ("full", "post"):  # logits online, log-probs cached: one constant per step apart
         torch.testing.assert_close(
-            getattr(online_targets, field), getattr(cached_targets, field), atol=1e-5, rtol=0
+            torch.log_softmax(getattr(online_targets, field), dim=-1),
+            torch.log_softmax(getattr(cached_targets, field), dim=-1),
+            atol=1e-5,
+            rtol=0,
         )
+    assert online_targets.token_logprobs is None  # --method pact does not use them
+    token_reference = OnlineReference(  # --method constrained-sft's reference
+        reference_model, header, None, tokenizer.pad_token_id, adapters_disabled=finetune == "lora"
+    )
+    token_targets = token_reference.targets(batch)
+    assert token_targets.full is None and token_targets.post is None
+    torch.testing.assert_close(
+        token_targets.token_logprobs, cached_targets.token_logprobs, atol=1e-5, rtol=0
+    )
 
     def loss_and_gradients(targets: object) -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -258,6 +271,28 @@ def test_cached_and_online_gradients_agree(world: World, tmp_path: Path, finetun
     assert all(
         g.abs().sum() > 0 for n, g in cached_grads.items() if "lora_B" in n or finetune == "full"
     )
+
+
+def test_online_pact_reference_runs_its_head_on_the_safety_ids_only(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """f and o need the safety ids' logits only (the loss is invariant to a per-step
+    shift): no full-vocabulary logits are computed for them."""
+    model = models.load_model(world.model_dir, dtype="float32", device="cpu")
+    tokenizer, encoded = encoded_examples(world)
+    ids = torch.as_tensor(world.safety.token_ids)
+    reference = OnlineReference(
+        model, assistant_header_ids(tokenizer), ids, tokenizer.pad_token_id, adapters_disabled=False
+    )
+    batch = cached_batch(encoded[:3], tokenizer.pad_token_id, TargetReader(Store(world.store_dir)))
+
+    def full_vocabulary(*args: object, **kwargs: object) -> None:
+        raise AssertionError("full-vocabulary logits computed")
+
+    monkeypatch.setattr(LMHead, "logits_into", full_vocabulary)
+    monkeypatch.setattr(LMHead, "logits", full_vocabulary)
+    targets = reference.targets(batch)
+    assert targets.full.shape == targets.post.shape == (3, batch.num_steps, ids.numel())
 
 
 @pytest.mark.parametrize(
