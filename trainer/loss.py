@@ -11,10 +11,8 @@ loss is invariant to a per-step additive shift.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -232,12 +230,16 @@ def pact_kl_terms(
     return PactTerms(kl=kl, kl_per_step=kl_per_step, gate=gate)
 
 
-def pact_kl(*args: Any, **kwargs: Any) -> Tensor:
+def pact_kl(
+    student_logits: Tensor,
+    reference_full: Tensor,
+    reference_post: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    config: PactConfig = PactConfig(),
+) -> Tensor:
     """Scalar PACT KL: ``pact_kl_terms(...).kl``, with the same arguments."""
-    return pact_kl_terms(*args, **kwargs).kl
-
-
-pact_kl.__signature__ = inspect.signature(pact_kl_terms).replace(return_annotation="Tensor")
+    return pact_kl_terms(student_logits, reference_full, reference_post, weights, mask, config).kl
 
 
 # ----------------------------------------------------------------------------- SFT
