@@ -327,6 +327,19 @@ def test_bf16_weights_accumulate_in_float32() -> None:
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, 5.0)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subset_logits_are_the_head_logits_of_those_ids(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
+    head, hidden = random_head(bias=bias, transform=transform)
+    head = LMHead(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype), transform)
+    rows = hidden.detach().to(dtype)
+    ids = torch.tensor([5, 0, VOCAB - 1, 17, 5])
+    subset = head.subset_logits(rows, ids)
+    assert subset.shape == (11, 5) and subset.dtype == torch.float32
+    assert_rel(subset, naive_logits(head, rows).float()[:, ids], rel=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, 5.0)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_into_writes_the_head_logits_into_the_buffer(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
     head, hidden = random_head(bias=bias, transform=transform)
     head = LMHead(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype), transform)
