@@ -25,6 +25,7 @@ import gc
 import importlib
 import os
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -191,11 +192,17 @@ def _release() -> None:
     """Destroy the default group so that gloo's worker threads end with it.
 
     Whatever still holds the group (a DDP model's reducer, FSDP's device mesh) must
-    be freed first, so cyclic garbage is collected here. Freed after the group, it
-    would drop the last reference itself, joining gloo's threads while holding the
-    GIL, and a thread still releasing the tensors of the last collective waits for
-    that GIL: both wait forever (seen with DDP under load, docs/distributed.md).
+    let go of it first, so cyclic garbage is collected and the meshes of
+    `wrap_model` drop the group here. Freed after the group, such a holder would drop
+    the last reference itself, joining gloo's threads while holding the GIL, and a
+    thread still releasing the tensors of the last collective waits for that GIL:
+    both wait forever (seen with DDP under load, docs/distributed.md).
     """
+    for ref in _MESHES:
+        registry = getattr(ref(), "_pg_registry", None)  # DeviceMesh: group name -> group
+        if isinstance(registry, dict):
+            registry.clear()
+    _MESHES.clear()
     gc.collect()
     dist.destroy_process_group()
 
@@ -306,14 +313,31 @@ def wrap_model(model: torch.nn.Module, ranks: Ranks, device: str, *, fsdp: bool)
             raise PactError(
                 f"--fsdp: cannot find the decoder layers of {type(model).__name__} (no _no_split_modules)"
             )
+        mesh = _fsdp_mesh(device, ranks)
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+# The device meshes `wrap_model` shards over. A mesh keeps the process group in a
+# registry of its own, and DTensor's caches keep the mesh alive after the model is
+# gone, so `_release` empties those registries before it destroys the group.
+_MESHES: list[weakref.ref] = []
+
+
+def _fsdp_mesh(device: str, ranks: Ranks) -> Any:
+    """The 1-D mesh of all ranks (what `fully_shard` makes by default), remembered for
+    `_release`."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(torch.device(device).type, (ranks.world_size,))
+    _MESHES[:] = [ref for ref in _MESHES if ref() is not None] + [weakref.ref(mesh)]
+    return mesh
 
 
 def gradient_sync(wrapped: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:

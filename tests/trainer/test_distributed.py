@@ -755,3 +755,26 @@ def test_a_failed_block_frees_its_ddp_model_before_the_group_is_destroyed(tmp_pa
         assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == [
             "0 gloo threads after destroy_process_group", "stopped while the DDP model was alive",
         ]  # fmt: skip
+
+
+def test_an_fsdp_run_leaves_no_gloo_thread_behind(world: World, tmp_path: Path) -> None:
+    """`pact train --fsdp` on 2 ranks: FSDP's device mesh keeps the group in a registry
+    of its own and outlives the model (DTensor's caches hold it), so pact empties it
+    before destroying the group; else gloo's threads run on into interpreter shutdown."""
+    bin_dir = slurm_on_this_machine(tmp_path / "bin")
+    report = tmp_path / "gloo-threads.txt"
+    command = [
+        str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(bin_dir / "pact"),
+        "train", "--model", str(world.model_dir), "--data", str(world.data), "--store", str(world.store_dir),
+        "--out", str(tmp_path / "run"), "--finetune", "full", "--batch-size", "2", "--max-steps", "1",
+        "--fsdp", "--device", "cpu",
+    ]  # fmt: skip
+    (tmp_path / "launch").mkdir()
+    job = subprocess.run(
+        command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+        env=launch_env(tmp_path) | {"GLOO_THREADS_REPORT": str(report)}, cwd=tmp_path / "launch",
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    assert sorted(report.read_text().splitlines()) == sorted(
+        f"train rank {rank} {when}: 0" for rank in (0, 1) for when in ("after destroy_process_group", "at exit")
+    )
