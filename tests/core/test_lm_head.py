@@ -324,26 +324,37 @@ def test_bf16_weights_accumulate_in_float32() -> None:
     assert rows.grad.dtype == low.weight.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, 5.0)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_subset_logits_are_the_head_logits_of_those_ids(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
+def head_in(dtype: torch.dtype, *, bias: bool, transform: LogitTransform) -> tuple[LMHead, torch.Tensor]:
+    """`random_head` with its weight, bias and hidden rows in `dtype`, without gradients."""
     head, hidden = random_head(bias=bias, transform=transform)
-    head = LMHead(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype), transform)
-    rows = hidden.detach().to(dtype)
+    bias_values = None if head.bias is None else head.bias.detach().to(dtype)
+    return LMHead(head.weight.detach().to(dtype), bias_values, transform), hidden.detach().to(dtype)
+
+
+# Every (transform, bias, dtype) of a head.
+HEAD_VARIANTS = pytest.mark.parametrize(
+    ("transform", "bias", "dtype"),
+    [
+        (transform, bias, dtype)
+        for transform in (LogitTransform(), LogitTransform(0.5, 5.0))
+        for bias in (False, True)
+        for dtype in (torch.float32, torch.bfloat16)
+    ],
+)
+
+
+@HEAD_VARIANTS
+def test_subset_logits_are_the_head_logits_of_those_ids(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
+    head, rows = head_in(dtype, bias=bias, transform=transform)
     ids = torch.tensor([5, 0, VOCAB - 1, 17, 5])
     subset = head.subset_logits(rows, ids)
     assert subset.shape == (11, 5) and subset.dtype == torch.float32
     assert_rel(subset, naive_logits(head, rows).float()[:, ids], rel=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, 5.0)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@HEAD_VARIANTS
 def test_logits_into_writes_the_head_logits_into_the_buffer(transform: LogitTransform, bias: bool, dtype: torch.dtype) -> None:
-    head, hidden = random_head(bias=bias, transform=transform)
-    head = LMHead(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype), transform)
-    rows = hidden.detach().to(dtype)
+    head, rows = head_in(dtype, bias=bias, transform=transform)
     buffer = torch.full((20, VOCAB), float("nan"))
     out = head.logits_into(rows, buffer[:11])
     assert out.data_ptr() == buffer.data_ptr()  # no new [rows, V] block
