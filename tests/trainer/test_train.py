@@ -33,6 +33,7 @@ from pact.store.sql import query
 from pact.store.targets import TargetReader
 from pact.trainer import checkpoint, steps
 from pact.trainer.batches import (
+    ReferenceTargets,
     cached_batch,
     collate,
     epoch_batches,
@@ -271,6 +272,18 @@ def test_cached_and_online_gradients_agree(world: World, tmp_path: Path, finetun
     assert all(
         g.abs().sum() > 0 for n, g in cached_grads.items() if "lora_B" in n or finetune == "full"
     )
+
+
+def test_constrained_sft_without_reference_token_logprobs_is_refused(world: World) -> None:
+    """The online reference of --method pact carries no token log-probs: constrained SFT
+    on such targets (or none) stops with one line."""
+    model = models.load_model(world.model_dir, dtype="float32", device="cpu")
+    tokenizer, encoded = encoded_examples(world)
+    batch = cached_batch(encoded[:2], tokenizer.pad_token_id, TargetReader(Store(world.store_dir)))
+    for reference in (None, ReferenceTargets(full=batch.reference.full, post=batch.reference.post)):
+        batch.reference = reference
+        with pytest.raises(PactError, match=r"^--method constrained-sft needs the batch's reference token log-probs$"):
+            batch_loss(model, batch, method="constrained-sft", kl_weight=1.0, pact=PactConfig(), safety_ids=None, weights=None)
 
 
 def test_online_pact_reference_runs_its_head_on_the_safety_ids_only(
